@@ -1,0 +1,171 @@
+"""Trace files: the Parquet schema scan writes, atomic writes, and reading back.
+
+A trace directory holds ``trace-*.parquet`` files that share one explicit schema,
+so pandas (``pd.read_parquet(dir)``), DuckDB (``read_parquet('dir/*.parquet')``),
+Spark or ``pyarrow.dataset`` open it without mgaudit. Provenance travels as JSON
+in the schema metadata of every file. Non-Parquet files written beside them
+(``_summary.json``, ``_scan.json``) start with ``_`` so that Parquet readers skip
+them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import OutputError, TraceError
+
+SCHEMA_VERSION = "1"
+PROVENANCE_KEY = b"mgaudit.provenance"
+SCHEMA_VERSION_KEY = b"mgaudit.schema_version"
+
+#: One row per (prompt, batch size, mode, step). ``mode`` is "solo" (the batch-1
+#: reference itself: batched_* repeat solo_*), "sync" (the batched run is fed the
+#: solo tokens, so both sides see the same prefix) or "free" (the batched run feeds
+#: its own tokens).
+TRACE_FIELDS: list[pa.Field] = [
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("prompt_index", pa.int32(), nullable=False),
+    pa.field("batch_size", pa.int32(), nullable=False),
+    pa.field("mode", pa.string(), nullable=False),
+    pa.field("batch_index", pa.int32(), nullable=False),  # which batch of the set
+    pa.field("row", pa.int32(), nullable=False),  # position of the prompt in its batch
+    pa.field("pad_len", pa.int32(), nullable=False),  # left padding of that row
+    pa.field("prompt_len", pa.int32(), nullable=False),  # prompt tokens, unpadded
+    pa.field("step", pa.int32(), nullable=False),  # index of the generated token
+    pa.field("solo_token", pa.int64(), nullable=False),
+    pa.field("batched_token", pa.int64(), nullable=False),
+    pa.field("solo_runner_up", pa.int64(), nullable=False),
+    pa.field("batched_runner_up", pa.int64(), nullable=False),
+    pa.field("solo_top1_logit", pa.float32(), nullable=False),
+    pa.field("solo_top2_logit", pa.float32(), nullable=False),
+    pa.field("batched_top1_logit", pa.float32(), nullable=False),
+    pa.field("batched_top2_logit", pa.float32(), nullable=False),
+    pa.field("solo_margin", pa.float32(), nullable=False),
+    pa.field("batched_margin", pa.float32(), nullable=False),
+    pa.field("flip", pa.bool_(), nullable=False),
+    # True while every earlier token of the row matched solo (always True in sync).
+    pa.field("prefix_match", pa.bool_(), nullable=False),
+    # max |solo logit - batched logit| over the vocabulary; null where the two
+    # runs saw different prefixes (free mode after a divergence) or in solo rows.
+    pa.field("max_abs_logit_diff", pa.float32(), nullable=True),
+]
+TRACE_SCHEMA = pa.schema(TRACE_FIELDS)
+TRACE_COLUMNS = [f.name for f in TRACE_FIELDS]
+MODES = ("solo", "sync", "free")
+
+
+def schema_with_provenance(provenance: dict[str, Any]) -> pa.Schema:
+    return TRACE_SCHEMA.with_metadata(
+        {
+            PROVENANCE_KEY: json.dumps(provenance, sort_keys=True).encode(),
+            SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode(),
+        }
+    )
+
+
+def rows_to_table(rows: Iterable[dict[str, Any]], provenance: dict[str, Any]) -> pa.Table:
+    rows = list(rows)
+    columns = {name: [r[name] for r in rows] for name in TRACE_COLUMNS}
+    return pa.Table.from_pydict(columns, schema=schema_with_provenance(provenance))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder, then rename."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {path.parent}: {exc.strerror or exc}",
+                          hint="choose a writable --out") from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    """Write a Parquet file (zstd) atomically: temp file in the target folder, then rename."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    atomic_write_bytes(Path(path), sink.getvalue().to_pybytes())
+
+
+def trace_files(path: Path) -> list[Path]:
+    """The Parquet files of a trace directory (or the file itself)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
+    raise TraceError(f"{path}: no such trace file or directory", hint="give a directory written by `mgaudit scan`")
+
+
+def read_provenance(path: Path) -> dict[str, Any]:
+    schema = pq.read_schema(path)
+    meta = schema.metadata or {}
+    if PROVENANCE_KEY not in meta:
+        raise TraceError(f"{path}: no mgaudit provenance in the Parquet metadata",
+                         hint="traces must be written by `mgaudit scan`")
+    return json.loads(meta[PROVENANCE_KEY])
+
+
+def read_traces(path: Path, columns: list[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """Read one trace directory (or file) into one table; check schema; return it with provenance.
+
+    Raises TraceError for a missing path, no files, missing columns or files whose
+    provenance names different models or dtypes.
+    """
+    files = trace_files(path)
+    if not files:
+        raise TraceError(f"{path}: no trace-*.parquet files", hint="run `mgaudit scan PROMPTS --out DIR` first")
+    tables, provenance = [], None
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except Exception as exc:  # pyarrow raises several types for non-Parquet input
+            raise TraceError(f"{f}: not a Parquet file ({exc.__class__.__name__})") from exc
+        missing = [c for c in (columns or TRACE_COLUMNS) if c not in schema.names]
+        if missing:
+            raise TraceError(f"{f}: missing column(s) {', '.join(missing)}",
+                             hint="traces must be written by `mgaudit scan`")
+        prov = read_provenance(f)
+        if provenance is None:
+            provenance = prov
+        else:
+            check_same_model(provenance, prov, str(f))
+        tables.append(pq.read_table(f, columns=columns or TRACE_COLUMNS))
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    return table, provenance or {}
+
+
+def model_identity(prov: dict[str, Any]) -> tuple:
+    model = prov.get("model", {})
+    return (model.get("name"), model.get("sha256"), model.get("dtype"))
+
+
+def check_same_model(a: dict[str, Any], b: dict[str, Any], where: str) -> None:
+    if model_identity(a) != model_identity(b):
+        ma, mb = a.get("model", {}), b.get("model", {})
+        raise TraceError(
+            f"{where}: traces of different models or dtypes are mixed "
+            f"({ma.get('name')} {ma.get('dtype')} vs {mb.get('name')} {mb.get('dtype')})",
+            hint="calibrate on traces of one model and dtype",
+        )
