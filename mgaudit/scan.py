@@ -1,0 +1,303 @@
+"""``scan``: replay prompts solo and inside batches; record every step to Parquet.
+
+For each prompt a solo reference (batch size 1, greedy) is decoded. Then for each
+batch size B the prompts are grouped into batches of B (the grouping is a seeded
+permutation of the set; a last, short batch is filled up with prompts from the
+start of that permutation, whose rows are not recorded twice), and each batch is
+replayed with generate-style left padding in two modes:
+
+* ``sync``: teacher-forced on the solo tokens, so every step compares the same
+  prefix: per-step flip rates;
+* ``free``: the batch feeds its own tokens: sequence-level divergence.
+
+Each unit of work (a chunk of solo references, or one batch of one size) is
+written as its own Parquet file, atomically, so an interrupted scan leaves only
+complete files and ``resume=True`` skips what is done.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import OutputError, UsageError
+from .traces import atomic_write_json, atomic_write_table, rows_to_table, trace_files
+
+SOLO_CHUNK = 8
+MANIFEST = "_scan.json"
+SUMMARY = "_summary.json"
+
+
+@dataclass
+class ScanConfig:
+    prompts: str
+    out: Path
+    model: str = "smollm2"
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    batch_sizes: list[int] = field(default_factory=lambda: [4, 8, 16])
+    max_new_tokens: int = 64
+    seed: int = 0
+    limit: int | None = None
+    chat: bool = True
+    modes: list[str] = field(default_factory=lambda: ["sync", "free"])
+    attn_implementation: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not self.batch_sizes:
+            raise UsageError("--batch-sizes is empty", hint="give sizes like 4,8,16")
+        if any(b < 2 for b in self.batch_sizes):
+            raise UsageError(f"--batch-sizes {self.batch_sizes}: every size must be at least 2",
+                             hint="batch size 1 is the solo reference, always run")
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
+        bad = [m for m in self.modes if m not in ("sync", "free")]
+        if bad or not self.modes:
+            raise UsageError(f"--modes {','.join(self.modes)}: use sync, free or both")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UsageError(f"--batch-sizes {text!r} is not a comma-separated list of integers",
+                         hint="e.g. --batch-sizes 4,8,16") from None
+    if not sizes:
+        raise UsageError("--batch-sizes is empty", hint="e.g. --batch-sizes 4,8,16")
+    return sorted(set(sizes))
+
+
+@dataclass
+class ScanResult:
+    out: Path
+    summary: dict[str, Any]
+    files_written: int
+    files_skipped: int
+    seconds: float
+
+
+def batch_groups(n: int, batch_size: int, seed: int) -> list[tuple[list[int], int]]:
+    """Batches of prompt indices: (members, owned). The first ``owned`` members are recorded."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    groups = []
+    for start in range(0, n, batch_size):
+        members = order[start:start + batch_size]
+        owned = len(members)
+        k = 0
+        while len(members) < batch_size:  # fill a short batch with other prompts of the set
+            members.append(order[k % n])
+            k += 1
+        groups.append((members, owned))
+    return groups
+
+
+def _fingerprint(config: ScanConfig, prompt_sha: str, model_prov: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "prompts_sha256": prompt_sha,
+        "model": model_prov["model"].get("name"),
+        "model_sha256": model_prov["model"].get("sha256"),
+        "dtype": model_prov["model"].get("dtype"),
+        "device": model_prov["model"].get("device"),
+        "attn_implementation": model_prov["model"].get("attn_implementation"),
+        "max_new_tokens": config.max_new_tokens,
+        "seed": config.seed,
+        "chat": config.chat,
+        "limit": config.limit,
+    }
+
+
+def _prepare_out(config: ScanConfig) -> None:
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: exists and is not a directory", hint="give a directory path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".mgaudit-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"--out {out}: not writable ({exc.strerror or exc})", hint="choose a writable directory") from exc
+    existing = trace_files(out)
+    if existing and not (config.resume or config.overwrite):
+        raise OutputError(f"--out {out} already holds {len(existing)} trace file(s)",
+                          hint="pass --resume to continue that scan or --overwrite to start over")
+    if existing and config.overwrite:
+        for f in existing:
+            f.unlink()
+        for name in (MANIFEST, SUMMARY):
+            if (out / name).exists():
+                (out / name).unlink()
+
+
+def _check_manifest(out: Path, fingerprint: dict[str, Any]) -> None:
+    path = out / MANIFEST
+    if not path.exists():
+        if trace_files(out):
+            raise OutputError(f"{out}: trace files without {MANIFEST}; cannot check they belong to this scan",
+                              hint="use --overwrite or another --out")
+        return
+    old = json.loads(path.read_text()).get("fingerprint", {})
+    changed = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+    if changed:
+        raise OutputError(f"--resume: {out} was scanned with different {', '.join(changed)}",
+                          hint="resume with the same options, or use --overwrite / another --out")
+
+
+def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = None, loaded=None) -> ScanResult:
+    """Run the scan described by ``config``; return the summary. See the module doc."""
+    import torch
+
+    from . import __version__
+    from .engine import padded_decode, solo_decode
+    from .models import load_model
+    from .prompts import encode_prompt, load_prompts
+    from .summary import summarize
+    from .traces import read_traces
+
+    log = log or (lambda msg: None)
+    config.validate()
+    t0 = time.perf_counter()
+    prompt_set = load_prompts(config.prompts, limit=config.limit)
+    _prepare_out(config)
+    out = Path(config.out)
+    torch.manual_seed(config.seed)
+    lm = loaded or load_model(config.model, config.dtype, config.device, config.attn_implementation, log=log)
+    model_prov = lm.provenance()
+    fingerprint = _fingerprint(config, prompt_set.sha256, model_prov)
+    if config.resume:
+        _check_manifest(out, fingerprint)
+    provenance = {
+        **model_prov,
+        "prompts": {"source": prompt_set.source, "name": prompt_set.name, "sha256": prompt_set.sha256,
+                    "count": len(prompt_set.prompts)},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "mgaudit_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(out / MANIFEST, {"fingerprint": fingerprint, "provenance": provenance})
+
+    prompts = prompt_set.prompts
+    encoded = [encode_prompt(lm.tokenizer, p, chat=config.chat) for p in prompts]
+    n = len(prompts)
+    eos, pad = lm.eos_token_ids, lm.pad_token_id
+    plan = []  # (path, kind, payload)
+    for c in range(0, n, SOLO_CHUNK):
+        plan.append((out / f"trace-solo-{c // SOLO_CHUNK:04d}.parquet", "solo", list(range(c, min(n, c + SOLO_CHUNK)))))
+    for b in config.batch_sizes:
+        for g, (members, owned) in enumerate(batch_groups(n, b, config.seed)):
+            plan.append((out / f"trace-b{b:04d}-g{g:04d}.parquet", "batch", (b, g, members, owned)))
+    todo = [p for p in plan if not p[0].exists()]
+    skipped = len(plan) - len(todo)
+    if skipped:
+        log(f"resuming: {skipped} of {len(plan)} trace files already complete")
+
+    needed = sorted({i for _, kind, pay in todo for i in (pay if kind == "solo" else pay[2])})
+    solos: dict[int, Any] = {}
+    written = 0
+    task_solo = progress.add_task("solo reference", total=len(needed)) if progress and needed else None
+    for i in needed:
+        solos[i] = solo_decode(lm.model, encoded[i], config.max_new_tokens, eos, keep_logits=True)
+        if progress and task_solo is not None:
+            progress.advance(task_solo)
+    for path, kind, payload in todo:
+        if kind != "solo":
+            continue
+        rows = []
+        for i in payload:
+            rows.extend(_solo_rows(prompts[i].id, i, len(encoded[i]), solos[i]))
+        atomic_write_table(path, rows_to_table(rows, provenance))
+        written += 1
+
+    batch_units = [p for p in todo if p[1] == "batch"]
+    task_b = progress.add_task("batched replays", total=len(batch_units)) if progress and batch_units else None
+    for path, _, (b, g, members, owned) in batch_units:
+        if progress and task_b is not None:
+            progress.update(task_b, description=f"batched replays (B={b})")
+        batch_ids = [encoded[i] for i in members]
+        refs = [solos[i] for i in members]
+        width = max(len(x) for x in batch_ids)
+        rows = []
+        if "sync" in config.modes:
+            sync = padded_decode(lm.model, batch_ids, config.max_new_tokens, eos, pad,
+                                 forced=[r.tokens for r in refs], reference=refs)
+            for row in range(owned):
+                i = members[row]
+                rows.extend(_pair_rows("sync", prompts[i].id, i, b, g, row, width - len(batch_ids[row]),
+                                       len(batch_ids[row]), refs[row], sync[row]))
+        if "free" in config.modes:
+            free = padded_decode(lm.model, batch_ids, config.max_new_tokens, eos, pad, reference=refs)
+            for row in range(owned):
+                i = members[row]
+                rows.extend(_pair_rows("free", prompts[i].id, i, b, g, row, width - len(batch_ids[row]),
+                                       len(batch_ids[row]), refs[row], free[row]))
+        atomic_write_table(path, rows_to_table(rows, provenance))
+        written += 1
+        if progress and task_b is not None:
+            progress.advance(task_b)
+
+    table, _ = read_traces(out)
+    summary = summarize(table)
+    summary["provenance"] = provenance
+    summary["elapsed_seconds"] = time.perf_counter() - t0
+    atomic_write_json(out / SUMMARY, summary)
+    return ScanResult(out, summary, written, skipped, time.perf_counter() - t0)
+
+
+NAN = float("nan")
+
+
+def _solo_rows(pid: str, index: int, plen: int, r) -> list[dict[str, Any]]:
+    rows = []
+    for t in range(len(r)):
+        m = r.top1[t] - r.top2[t]
+        rows.append({
+            "prompt_id": pid, "prompt_index": index, "batch_size": 1, "mode": "solo", "batch_index": index,
+            "row": 0, "pad_len": 0, "prompt_len": plen, "step": t,
+            "solo_token": r.tokens[t], "batched_token": r.tokens[t],
+            "solo_runner_up": r.runner_up[t], "batched_runner_up": r.runner_up[t],
+            "solo_top1_logit": r.top1[t], "solo_top2_logit": r.top2[t],
+            "batched_top1_logit": r.top1[t], "batched_top2_logit": r.top2[t],
+            "solo_margin": m, "batched_margin": m, "flip": False, "prefix_match": True,
+            "max_abs_logit_diff": None,
+        })
+    return rows
+
+
+def _pair_rows(mode, pid, index, bsz, group, row, pad_len, plen, solo, batched) -> list[dict[str, Any]]:
+    """Rows comparing a solo trace with a batched one, step by step.
+
+    Past the end of one side (it emitted EOS earlier) its token is -1 and its
+    logits NaN, so ``flip`` stays ``solo_token != batched_token``.
+    """
+    rows = []
+    prefix = True
+    for t in range(max(len(solo), len(batched))):
+        s_ok, b_ok = t < len(solo), t < len(batched)
+        st = solo.tokens[t] if s_ok else -1
+        bt = batched.tokens[t] if b_ok else -1
+        s1, s2 = (solo.top1[t], solo.top2[t]) if s_ok else (NAN, NAN)
+        b1, b2 = (batched.top1[t], batched.top2[t]) if b_ok else (NAN, NAN)
+        rows.append({
+            "prompt_id": pid, "prompt_index": index, "batch_size": bsz, "mode": mode, "batch_index": group,
+            "row": row, "pad_len": pad_len, "prompt_len": plen, "step": t,
+            "solo_token": st, "batched_token": bt,
+            "solo_runner_up": solo.runner_up[t] if s_ok else -1,
+            "batched_runner_up": batched.runner_up[t] if b_ok else -1,
+            "solo_top1_logit": s1, "solo_top2_logit": s2, "batched_top1_logit": b1, "batched_top2_logit": b2,
+            "solo_margin": s1 - s2, "batched_margin": b1 - b2, "flip": st != bt,
+            "prefix_match": prefix and s_ok and b_ok,
+            "max_abs_logit_diff": batched.max_abs_diff[t] if (b_ok and prefix) else None,
+        })
+        if mode != "sync":  # teacher forcing keeps the prefixes equal
+            prefix = prefix and st == bt
+    return rows
