@@ -1,0 +1,172 @@
+"""``verify``: decode prompts solo and under a policy; are the outputs identical?
+
+The solo run (batch size 1, greedy, exactly what ``generate`` gives for a prompt
+alone) is the reference. The policy run decodes the same prompts in batches.
+The result says, per sequence, whether the token sequences are identical and,
+where not, where and how they part; the CLI exits 0 only if all are identical.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UsageError
+from .gated import POLICIES, DecodePolicy, decode
+
+REPORT_FORMAT = "mgaudit.verify"
+REPORT_VERSION = 1
+
+
+@dataclass
+class VerifyConfig:
+    prompts: str
+    model: str = "smollm2"
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    policy: str = "gate"
+    gate: Path | None = None
+    threshold: float | None = None
+    fast_path: str = "ragged"
+    max_rows: int | None = None
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    limit: int | None = None
+    chat: bool = True
+    attn_implementation: str | None = None
+    report: Path | None = None
+
+    def validate(self) -> None:
+        if self.policy not in POLICIES:
+            raise UsageError(f"--policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
+        if self.gate is not None and self.threshold is not None:
+            raise UsageError("--gate and --threshold exclude each other")
+        if self.policy == "gate" and self.gate is None and self.threshold is None:
+            raise UsageError("--policy gate needs --gate gate.json or --threshold TAU",
+                             hint="or choose --policy none, always or invariant")
+        if self.threshold is not None and not self.threshold >= 0:
+            raise UsageError(f"--threshold {self.threshold} must be >= 0")
+
+
+def compare(pid: str, solo, gated, tokenizer) -> dict[str, Any]:
+    """A per-sequence record: identical or not, and where the first difference is."""
+    s, g = solo.tokens, gated.tokens
+    first = next((i for i in range(min(len(s), len(g))) if s[i] != g[i]), None)
+    if first is None and len(s) != len(g):
+        first = min(len(s), len(g))
+    rec: dict[str, Any] = {
+        "prompt_id": pid,
+        "identical": first is None,
+        "steps": len(g),
+        "solo_steps": len(s),
+        "triggers": gated.triggers,
+        "repairs": gated.repairs,
+        "first_divergence": first,
+    }
+    if first is not None:
+        def tok(seq, i):
+            return seq[i] if i < len(seq) else None
+
+        def text(t):
+            return None if t is None else tokenizer.decode([t])
+
+        rec.update({
+            "solo_token": tok(s, first),
+            "gated_token": tok(g, first),
+            "solo_text": text(tok(s, first)),
+            "gated_text": text(tok(g, first)),
+            "solo_margin": solo.margins[first] if first < len(s) else None,
+            "gated_margin": gated.margins[first] if first < len(g) else None,
+            "verified_at_divergence": gated.verified[first] if first < len(g) else None,
+            "solo_context": tokenizer.decode(s[max(0, first - 8):first + 1]),
+            "gated_context": tokenizer.decode(g[max(0, first - 8):first + 1]),
+        })
+    return rec
+
+
+def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | None = None,
+           loaded=None) -> dict[str, Any]:
+    """Run solo and policy decoding; return the report dict (see REPORT_FORMAT)."""
+    from . import __version__
+    from .calibrate import load_gate
+    from .engine import solo_decode
+    from .models import load_model
+    from .prompts import encode_prompt, load_prompts
+    from .traces import atomic_write_json
+
+    log = log or (lambda m: None)
+    config.validate()
+    threshold, gate_info = config.threshold, None
+    if config.gate is not None:
+        gate = load_gate(config.gate)
+        threshold = gate["threshold"]
+        gate_info = {"path": str(config.gate), "threshold": threshold, "method": gate.get("method"),
+                     "model": (gate.get("provenance") or {}).get("model", {}).get("name")}
+    policy = DecodePolicy(config.policy, threshold, config.fast_path, config.max_rows)
+    policy.validate()
+    prompt_set = load_prompts(config.prompts, limit=config.limit)
+    lm = loaded or load_model(config.model, config.dtype, config.device, config.attn_implementation, log=log)
+    if gate_info:
+        gate_sha = ((gate.get("provenance") or {}).get("model") or {}).get("sha256")
+        if gate_sha and lm.sha256 and gate_sha != lm.sha256:
+            log(f"warning: {config.gate} was calibrated on another model ({gate_info['model']})")
+    ids = [encode_prompt(lm.tokenizer, p, chat=config.chat) for p in prompt_set.prompts]
+    eos, pad = lm.eos_token_ids, lm.pad_token_id
+
+    task = progress.add_task("solo reference", total=len(ids)) if progress else None
+    t0 = time.perf_counter()
+    solos = []
+    for p in ids:
+        solos.append(solo_decode(lm.model, p, config.max_new_tokens, eos))
+        if progress:
+            progress.advance(task)
+    solo_s = time.perf_counter() - t0
+
+    task = progress.add_task(f"policy {policy.name} (B={config.batch_size})", total=len(ids)) if progress else None
+    out = decode(lm.model, ids, policy, config.batch_size, config.max_new_tokens, eos, pad,
+                 on_batch=(lambda n: progress.advance(task, n)) if progress else None)
+    records = [compare(p.id, s, g, lm.tokenizer) for p, s, g in zip(prompt_set.prompts, solos, out.sequences)]
+    steps = sum(r["steps"] for r in records)
+    solo_tokens = sum(len(s.tokens) for s in solos)
+    gated_tokens = sum(len(g.tokens) for g in out.sequences)
+    summary = {
+        "sequences": len(records),
+        "identical": sum(r["identical"] for r in records),
+        "all_identical": all(r["identical"] for r in records),
+        "steps": steps,
+        "triggers": sum(r["triggers"] for r in records),
+        "trigger_rate": (sum(r["triggers"] for r in records) / steps) if steps else 0.0,
+        "repairs": sum(r["repairs"] for r in records),
+        "solo_seconds": solo_s,
+        "policy_seconds": out.seconds,
+        "speedup_vs_solo": solo_s / out.seconds if out.seconds else None,
+        "solo_tokens_per_second": solo_tokens / solo_s if solo_s else None,
+        "policy_tokens_per_second": gated_tokens / out.seconds if out.seconds else None,
+        "max_rows": out.max_rows,
+    }
+    report = {
+        "format": REPORT_FORMAT,
+        "version": REPORT_VERSION,
+        "policy": {"name": policy.name, "threshold": threshold, "fast_path": policy.fast_path if policy.name == "gate"
+                   else None, "batch_size": config.batch_size, "gate": gate_info},
+        "summary": summary,
+        "sequences": records,
+        "provenance": {
+            **lm.provenance(),
+            "prompts": {"source": prompt_set.source, "name": prompt_set.name, "sha256": prompt_set.sha256,
+                        "count": len(prompt_set.prompts)},
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+            "mgaudit_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+    if config.report is not None:
+        atomic_write_json(Path(config.report), report)
+    return report
