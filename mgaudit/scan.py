@@ -113,6 +113,7 @@ def _fingerprint(config: ScanConfig, prompt_sha: str, model_prov: dict[str, Any]
         "seed": config.seed,
         "chat": config.chat,
         "limit": config.limit,
+        "modes": sorted(config.modes),
     }
 
 

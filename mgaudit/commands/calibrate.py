@@ -84,6 +84,14 @@ def _in_words(result: Any) -> str:
             f"{f['flips_missed']} flips missed)")
 
 
+def render_result(result: Any) -> None:
+    console.out.print(_candidates_table(result))
+    console.out.print(_per_batch_table(result.figures))
+    console.out.print(_in_words(result), soft_wrap=True)
+    if result.transfer:
+        console.out.print(_transfer_table(result))
+
+
 def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     @guarded
@@ -123,11 +131,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             console.print_json(result.to_dict())
         else:
-            console.out.print(_candidates_table(result))
-            console.out.print(_per_batch_table(result.figures))
-            console.out.print(_in_words(result), soft_wrap=True)
-            if result.transfer:
-                console.out.print(_transfer_table(result))
+            render_result(result)
         if out is not None:
             console.err.print(f"wrote {out}")
         if plot is not None:

@@ -1,0 +1,182 @@
+"""``mgaudit diagnose ops|prompt|kv``: which kernel makes the stack batch-variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .. import console
+from . import options
+from .boundary import guarded
+
+DEFAULT_ROWS_TEXT = "1,2,3,4,8,16,32,48,63,64,65,96,128,256"
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "0" if x == 0 else f"{x:.2g}"
+
+
+def render_ops(report) -> None:
+    table = Table(title=f"diagnose ops: {report.model} ({report.dtype}, {report.device}, "
+                        f"{report.torch_threads} threads)", title_justify="left")
+    table.add_column("op (each row vs itself at batch 1)", overflow="fold", max_width=34)
+    for m in report.row_counts:
+        table.add_column(f"M={m}", justify="right")
+    table.add_column("first ≠", justify="right")
+    for op in report.ops:
+        cells = []
+        for p in op.points:
+            cells.append("[green]=[/]" if p.identical else f"[red]≠{_fmt(p.max_abs_diff)}[/]")
+        table.add_row(escape(op.name), *cells, "-" if op.first_diff is None else str(op.first_diff))
+    console.out.print(table)
+    console.out.print("= : every one of the M rows bit-identical to that row alone (torch.equal); "
+                      "≠x : some row differs, max |diff| x. For 'attention cache' M-1 is the number of "
+                      "masked positions added to one row's K/V.")
+    console.out.print(f"[bold]verdict:[/] {escape(report.verdict)}")
+
+
+def render_prompt(rep) -> None:
+    table = Table(title=f"diagnose prompt: {rep.prompt_id} ({rep.prompt_len} tokens) in a batch of "
+                        f"{rep.batch_size}, row {rep.row}, left padding {rep.pad_len}", title_justify="left")
+    for col in ("step", "first divergent", "layers ≠", "last layer max |Δ|", "logits max |Δ|",
+                "solo argmax", "batched argmax", "flip"):
+        table.add_column(col, justify="right")
+    for s in rep.steps:
+        n_bad = sum(d > 0 for d in s.layer_max_abs_diff)
+        where = "-" if s.first_layer is None else f"layer {s.first_layer} {s.first_block}"
+        table.add_row("prefill" if s.step < 0 else str(s.step), where, f"{n_bad}/{rep.n_layers}",
+                      _fmt(s.layer_max_abs_diff[-1]), _fmt(s.logits_max_abs_diff), str(s.solo_argmax),
+                      str(s.batched_argmax), "[red]yes[/]" if s.flipped else "")
+    console.out.print(table)
+    console.out.print(f"[bold]verdict:[/] {escape(rep.verdict)}")
+
+
+def render_kv(run) -> None:
+    results = run.results
+    table = Table(title="diagnose kv: solo vs batched K/V cache, teacher-forced", title_justify="left")
+    for col in ("prompt", "tokens", "pad", "steps", "first flip", "deepest K |Δ| slope/token", "trend",
+                "newest-column slope"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(escape(str(r.prompt_id)), str(r.prompt_len), str(r.pad_len), str(len(r.steps)),
+                      "-" if r.flipped_at_step is None else str(r.flipped_at_step), _fmt(r.slope),
+                      r.trend or "-", _fmt(r.slope_new))
+    console.out.print(table)
+    first = next((r for r in results if r.flipped_at_step is not None), None)
+    if first is not None:
+        nl = first.n_layers
+        layers = sorted({0, nl // 3, (2 * nl) // 3, nl - 1})
+        lead = Table(title=f"{first.prompt_id}: K (and deepest V) max |Δ| on valid positions, steps up to the "
+                           f"first flip", title_justify="left")
+        lead.add_column("step", justify="right")
+        for layer in layers:
+            lead.add_column(f"K L{layer}", justify="right")
+        lead.add_column(f"V L{nl - 1}", justify="right")
+        lead.add_column("flip", justify="right")
+        for i in first.leading_up(8):
+            lead.add_row("prefill" if first.steps[i] < 0 else str(first.steps[i]),
+                         *[_fmt(first.k_max_abs_diff[i][layer]) for layer in layers],
+                         _fmt(first.v_max_abs_diff[i][nl - 1]), "[red]yes[/]" if first.flips[i] else "")
+        console.out.print(lead)
+    console.out.print(f"wrote {run.summary['files']['parquet']} and {run.summary['files']['plot']}")
+    console.out.print(f"[bold]verdict:[/] {escape(run.summary['verdict'])}")
+
+
+def register(app: typer.Typer) -> None:
+    sub = typer.Typer(name="diagnose", no_args_is_help=True,
+                      help="Find which kernel makes the stack batch-variant: op probe, layer locator, K/V drift.")
+
+    @sub.command("ops")
+    @guarded
+    def ops_cmd(
+        model: str = options.MODEL,
+        dtype: str = options.DTYPE,
+        device: str = options.DEVICE,
+        attn: str = options.ATTN,
+        rows: str = typer.Option(DEFAULT_ROWS_TEXT, "--rows", help="Comma-separated row counts M to probe."),
+        kv_len: int = typer.Option(48, "--kv-len", help="K/V cache length of the attention probes."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the random probe inputs."),
+        json_out: bool = options.JSON,
+    ) -> None:
+        """Probe every op (Linear shapes, RMSNorm, rotary, sdpa) for bit-identity to batch 1 as M grows."""
+        from ..diagnose import OpsConfig, parse_rows, run_ops
+
+        config = OpsConfig(model=model, dtype=dtype, device=device, rows=parse_rows(rows), seed=seed,
+                           kv_len=kv_len, attn_implementation=attn)
+        config.validate()
+        report = run_ops(config, log=lambda m: console.err.print(escape(m)))
+        if json_out:
+            console.print_json(report.to_dict())
+        else:
+            render_ops(report)
+
+    @sub.command("prompt")
+    @guarded
+    def prompt_cmd(
+        prompt: str = typer.Argument(..., help="A prompt id of --prompts, or the text of a prompt."),
+        prompts: str = typer.Option("chat", "--prompts", help="Prompt set to take the prompt and the fillers from."),
+        batch_size: int = typer.Option(8, "--batch-size", "-b", help="Rows of the batch (the prompt and fillers)."),
+        max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate (steps incl. prefill)."),
+        row: int = typer.Option(0, "--row", help="Row of the batch that holds the prompt."),
+        exact: bool = typer.Option(False, "--exact", help="Batch of copies of the prompt: equal lengths, no padding."),
+        model: str = options.MODEL,
+        dtype: str = options.DTYPE,
+        device: str = options.DEVICE,
+        attn: str = options.ATTN,
+        no_chat: bool = options.NO_CHAT,
+        json_out: bool = options.JSON,
+    ) -> None:
+        """Per step, the first layer and block (attention/MLP) where the batched row leaves solo."""
+        from ..diagnose import PromptConfig, run_prompt
+
+        config = PromptConfig(prompt=prompt, prompts=prompts, model=model, dtype=dtype, device=device,
+                              batch_size=batch_size, max_new_tokens=max_new_tokens, row=row, exact=exact,
+                              chat=not no_chat, attn_implementation=attn)
+        config.validate()
+        rep = run_prompt(config, log=lambda m: console.err.print(escape(m)))
+        if json_out:
+            console.print_json(rep.to_dict())
+        else:
+            render_prompt(rep)
+
+    @sub.command("kv")
+    @guarded
+    def kv_cmd(
+        prompts: str = options.PROMPTS_ARG,
+        out: Path = typer.Option(..., "--out", "-o", help="Directory for kv.parquet and kv.png."),
+        batch_size: int = typer.Option(8, "--batch-size", "-b", help="Rows of each batch."),
+        max_new_tokens: int = options.MAX_NEW,
+        limit: int = options.LIMIT,
+        flips: int = typer.Option(3, "--flips", help="Stop after this many prompts with an argmax flip."),
+        plot: Path = typer.Option(None, "--plot", help="Where to write the PNG (default OUT/kv.png)."),
+        model: str = options.MODEL,
+        dtype: str = options.DTYPE,
+        device: str = options.DEVICE,
+        attn: str = options.ATTN,
+        no_chat: bool = options.NO_CHAT,
+        json_out: bool = options.JSON,
+    ) -> None:
+        """Solo vs batched K/V caches per layer and step, until argmax flips are found; slope of the drift."""
+        from ..diagnose import KvConfig, run_kv
+
+        config = KvConfig(prompts=prompts, out=out, model=model, dtype=dtype, device=device, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, limit=limit, flips=flips, plot=plot, chat=not no_chat,
+                          attn_implementation=attn)
+        config.validate()
+
+        def on_prompt(r: Any) -> None:
+            console.err.print(escape(f"{r.prompt_id}: {r.verdict}"))
+
+        run = run_kv(config, log=lambda m: console.err.print(escape(m)), on_prompt=on_prompt)
+        if json_out:
+            console.print_json(run.summary)
+        else:
+            render_kv(run)
+
+    app.add_typer(sub, name="diagnose")
