@@ -124,7 +124,8 @@ def _row_cache(model, cache, b: int, start: int, end: int):
     """A batch-1 cache holding row ``b``'s positions [start, end) of a batch cache."""
     one = new_cache(model)
     for i, layer in enumerate(_cache_layers(cache)):
-        one.update(layer.keys[b:b + 1, :, start:end].clone(), layer.values[b:b + 1, :, start:end].clone(), i)
+        # update() copies the views into the new cache (one copy per layer)
+        one.update(layer.keys[b:b + 1, :, start:end], layer.values[b:b + 1, :, start:end], i)
     return one
 
 

@@ -33,6 +33,22 @@ def _attention_fn(name: str):
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
+def _direct_sdpa_ok(base, module, key) -> bool:
+    """Whether HF's sdpa wrapper would, for one unmasked decode row, call
+    ``F.scaled_dot_product_attention(q, k, v, scale=..., enable_gqa=groups > 1)``
+    and nothing else; then the ragged loop calls it directly (less Python per row)."""
+    import os
+
+    from transformers.integrations import sdpa_attention as hf_sdpa
+
+    if base is not hf_sdpa.sdpa_attention_forward or key.device.type not in ("cpu", "cuda"):
+        return False
+    if os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", "0") == "1":
+        return False
+    groups = getattr(module, "num_key_value_groups", 1)
+    return groups == 1 or hf_sdpa.use_gqa_in_sdpa(None, key, key)
+
+
 def ragged_attention(module, query, key, value, attention_mask, **kwargs):
     state = _rows.get()
     if state is None:
@@ -41,6 +57,15 @@ def ragged_attention(module, query, key, value, attention_mask, **kwargs):
     if query.shape[2] != 1:
         raise RuntimeError("ragged attention is for single-token decode steps")
     outs = []
+    if _direct_sdpa_ok(base, module, key) and not kwargs.get("dropout") and kwargs.get("softcap") is None:
+        gqa = getattr(module, "num_key_value_groups", 1) > 1
+        scale = kwargs.get("scaling")
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        for b, s in enumerate(starts):
+            o = sdpa(query[b:b + 1], key[b:b + 1, :, s:], value[b:b + 1, :, s:], attn_mask=None, dropout_p=0.0,
+                     scale=scale, is_causal=False, enable_gqa=gqa)
+            outs.append(o)
+        return torch.cat(outs, dim=0).transpose(1, 2).contiguous(), None
     for b, s in enumerate(starts):
         k = key[b:b + 1, :, s:, :].contiguous()
         v = value[b:b + 1, :, s:, :].contiguous()

@@ -1,0 +1,301 @@
+"""``mgaudit verify``: CLI and library on the tiny random model (CPU).
+
+Exit 0 iff every sequence is identical to solo, 1 when one differs (forced here
+by flipping a logit in the batched fast path), 2 with one line on stderr for
+bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import mgaudit.gated as gated
+from mgaudit.errors import GateError, UsageError
+from mgaudit.verify import REPORT_FORMAT, REPORT_VERSION, VerifyConfig, verify
+
+LIMIT = 6
+MAX_NEW = 8
+TOP_KEYS = {"format", "version", "policy", "summary", "sequences", "provenance"}
+SUMMARY_KEYS = {"sequences", "identical", "all_identical", "trigger_rate", "repairs", "solo_seconds",
+                "policy_seconds", "speedup_vs_solo"}
+RECORD_KEYS = {"prompt_id", "identical", "first_divergence", "triggers", "repairs"}
+DIVERGENCE_KEYS = {"solo_token", "gated_token", "solo_margin", "gated_margin", "verified_at_divergence"}
+IDS = [f"tiny-{i:02d}" for i in range(LIMIT)]
+
+
+def _invoke(args: list[str]):
+    from mgaudit.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+def _stderr(result) -> str:
+    try:
+        return result.stderr
+    except (ValueError, AttributeError):  # older click: stderr mixed into output
+        return result.output
+
+
+def _ok(result, code: int = 0) -> None:
+    assert result.exit_code == code, (result.exit_code, result.stdout, _stderr(result), result.exception)
+    assert "Traceback" not in _stderr(result)
+
+
+def _assert_one_line_error(result, *needles: str) -> str:
+    err = _stderr(result)
+    assert result.exit_code == 2, (result.exit_code, result.output, err, result.exception)
+    assert "Traceback" not in err and "Traceback" not in result.output
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:"), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _base(prompts: Path, model: Path) -> list[str]:
+    return ["verify", str(prompts), "--model", str(model), "--device", "cpu", "--max-new-tokens", str(MAX_NEW),
+            "--batch-size", "4", "--limit", str(LIMIT)]
+
+
+def _write_gate(path: Path, threshold=0.5, **extra) -> Path:
+    gate = {"format": "mgaudit.gate", "version": 1, "threshold": threshold, "metric": "batched_margin",
+            "method": "recall", **extra}
+    path.write_text(json.dumps(gate))
+    return path
+
+
+def _check_schema(report: dict, batch_size: int = 4) -> None:
+    assert TOP_KEYS <= set(report)
+    assert report["format"] == REPORT_FORMAT and report["version"] == REPORT_VERSION
+    s = report["summary"]
+    assert SUMMARY_KEYS <= set(s)
+    assert s["sequences"] == LIMIT == len(report["sequences"])
+    assert 0 <= s["identical"] <= s["sequences"]
+    assert s["all_identical"] == (s["identical"] == s["sequences"])
+    assert 0.0 <= s["trigger_rate"] <= 1.0
+    assert s["solo_seconds"] > 0 and s["policy_seconds"] > 0
+    assert s["speedup_vs_solo"] == pytest.approx(s["solo_seconds"] / s["policy_seconds"])
+    assert [r["prompt_id"] for r in report["sequences"]] == IDS
+    for r in report["sequences"]:
+        assert RECORD_KEYS <= set(r)
+        assert 0 <= r["repairs"] <= r["triggers"] <= max(r["steps"] - 1, 0)
+        if r["identical"]:
+            assert r["first_divergence"] is None
+        else:
+            assert DIVERGENCE_KEYS <= set(r) and isinstance(r["first_divergence"], int)
+    assert s["repairs"] == sum(r["repairs"] for r in report["sequences"])
+    assert s["identical"] == sum(r["identical"] for r in report["sequences"])
+    prov = report["provenance"]
+    assert prov["prompts"]["count"] == LIMIT and prov["config"]["batch_size"] == batch_size
+    assert prov["config"]["max_new_tokens"] == MAX_NEW
+
+
+# --------------------------------------------------------------------------- exit 0
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--policy", "always"], ["--policy", "invariant"], ["--policy", "gate", "--threshold", "0.5"], "gate-file"],
+    ids=["always", "invariant", "gate-threshold", "gate-file"],
+)
+def test_cli_policies_exit_0(tmp_path, prompts_file, tiny_model_dir, extra) -> None:
+    if extra == "gate-file":
+        extra = ["--policy", "gate", "--gate", str(_write_gate(tmp_path / "gate.json", 0.5))]
+    result = _invoke(_base(prompts_file, tiny_model_dir) + extra)
+    _ok(result, 0)
+    assert "PASS" in result.stdout and f"all {LIMIT} sequences identical" in result.stdout
+    assert "FAIL" not in result.stdout
+
+
+def test_cli_json_schema(tmp_path, prompts_file, tiny_model_dir) -> None:
+    gate = _write_gate(tmp_path / "gate.json", 0.5)
+    result = _invoke(_base(prompts_file, tiny_model_dir) + ["--policy", "gate", "--gate", str(gate), "--json"])
+    _ok(result, 0)
+    report = json.loads(result.stdout)  # stdout is the JSON and nothing else
+    _check_schema(report)
+    s = report["summary"]
+    assert s["all_identical"] is True and s["identical"] == LIMIT
+    assert s["trigger_rate"] > 0  # tau = 0.5 triggers on the tiny model
+    pol = report["policy"]
+    assert pol["name"] == "gate" and pol["threshold"] == 0.5 and pol["batch_size"] == 4
+    assert pol["fast_path"] == "ragged"
+    assert pol["gate"]["path"] == str(gate) and pol["gate"]["threshold"] == 0.5
+    assert report["provenance"]["model"]["name"] == tiny_model_dir.name
+
+
+def test_cli_report_file_has_the_json_schema(tmp_path, prompts_file, tiny_model_dir) -> None:
+    out = tmp_path / "sub" / "report.json"
+    result = _invoke(_base(prompts_file, tiny_model_dir) + ["--policy", "always", "--report", str(out)])
+    _ok(result, 0)
+    assert "report written to" in _stderr(result)
+    report = json.loads(out.read_text())
+    _check_schema(report)
+    assert report["policy"]["name"] == "always" and report["policy"]["fast_path"] is None
+    # always: every step after the first is verified
+    for r in report["sequences"]:
+        assert r["triggers"] == r["steps"] - 1
+    # and --json prints the same document the report holds (timings aside)
+    out2 = tmp_path / "r2.json"
+    result = _invoke(_base(prompts_file, tiny_model_dir) + ["--policy", "always", "--report", str(out2), "--json"])
+    _ok(result, 0)
+    printed, written = json.loads(result.stdout), json.loads(out2.read_text())
+    assert set(printed) == set(written)
+    assert printed["sequences"] == written["sequences"] and printed["policy"] == written["policy"]
+    assert printed["summary"] == written["summary"]
+
+
+def test_library_verify(tmp_path, prompts_file, tiny_lm) -> None:
+    config = VerifyConfig(prompts=str(prompts_file), model="unused", device="cpu", policy="invariant",
+                          batch_size=3, max_new_tokens=MAX_NEW, limit=LIMIT)
+    report = verify(config, loaded=tiny_lm)
+    _check_schema(report, batch_size=3)
+    assert report["summary"]["all_identical"] and report["summary"]["triggers"] == 0
+    assert report["policy"]["threshold"] is None and report["policy"]["fast_path"] is None
+
+
+# --------------------------------------------------------------------------- exit 1
+
+
+def _flip_row0_at_step3(monkeypatch) -> dict:
+    """The 3rd batched decode forward (logits of step 3): row 0's runner-up wins by 0.01."""
+    orig = gated._forward_last
+    state = {"calls": 0, "flipped": None}
+
+    def wrapper(model, input_ids, attention_mask, position_ids, cache):
+        logits = orig(model, input_ids, attention_mask, position_ids, cache)
+        if input_ids.shape[0] > 1 and input_ids.shape[1] == 1:
+            if state["calls"] == 2:
+                logits = logits.float()  # keep the 0.01 (bf16 would round it away)
+                top = torch.topk(logits[0], 2)
+                logits[0, top.indices[1]] = top.values[0] + 0.01
+                state["flipped"] = (int(top.indices[0]), int(top.indices[1]))
+            state["calls"] += 1
+        return logits
+
+    monkeypatch.setattr(gated, "_forward_last", wrapper)
+    return state
+
+
+def _row_of(stdout: str, pid: str) -> list[str]:
+    rows = [ln for ln in stdout.splitlines() if pid in ln and "│" in ln]
+    assert rows, stdout
+    return [c.strip() for c in rows[0].split("│")[1:-1]]
+
+
+@pytest.mark.parametrize("policy", ["invariant", "none"])
+def test_cli_exit_1_when_a_sequence_differs(tmp_path, prompts_file, tiny_model_dir, monkeypatch, policy) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+    state = _flip_row0_at_step3(monkeypatch)
+    report_path = tmp_path / "report.json"
+    result = _invoke(_base(prompts_file, tiny_model_dir) + ["--policy", policy, "--report", str(report_path)])
+    _ok(result, 1)
+    assert state["flipped"] is not None
+    solo_tok, runner = state["flipped"]
+    out = result.stdout
+    assert "FAIL" in out and "PASS" not in out
+    cells = _row_of(out, "tiny-00")
+    assert cells[0] == "tiny-00" and cells[1] == "3"  # the prompt and its first divergent step
+    assert cells[-1] == "False"  # not verified there
+
+    report = json.loads(report_path.read_text())
+    _check_schema(report)
+    assert report["summary"]["all_identical"] is False
+    rec = report["sequences"][0]
+    assert rec["prompt_id"] == "tiny-00" and rec["identical"] is False
+    assert rec["first_divergence"] == 3
+    assert rec["solo_token"] == solo_tok and rec["gated_token"] == runner != solo_tok
+    assert rec["solo_margin"] > 0
+    assert rec["gated_margin"] == pytest.approx(0.01, abs=1e-3)
+    assert rec["verified_at_divergence"] is False
+    assert rec["repairs"] == 0
+    assert isinstance(rec["solo_text"], str) and isinstance(rec["gated_text"], str)
+
+
+def test_cli_json_exit_1(prompts_file, tiny_model_dir, monkeypatch) -> None:
+    _flip_row0_at_step3(monkeypatch)
+    result = _invoke(_base(prompts_file, tiny_model_dir) + ["--policy", "invariant", "--json"])
+    _ok(result, 1)
+    report = json.loads(result.stdout)
+    assert report["summary"]["all_identical"] is False
+    bad = [r for r in report["sequences"] if not r["identical"]]
+    assert [r["prompt_id"] for r in bad] == ["tiny-00"] and bad[0]["first_divergence"] == 3
+
+
+def test_cli_gate_repairs_the_flip_and_exits_0(prompts_file, tiny_model_dir, monkeypatch) -> None:
+    _flip_row0_at_step3(monkeypatch)
+    result = _invoke(_base(prompts_file, tiny_model_dir) + ["--policy", "gate", "--threshold", "1.0", "--json"])
+    _ok(result, 0)
+    report = json.loads(result.stdout)
+    assert report["summary"]["all_identical"] is True
+    assert report["summary"]["repairs"] >= 1 and report["sequences"][0]["repairs"] >= 1
+
+
+# --------------------------------------------------------------------------- exit 2
+
+
+def _not_json(tmp: Path) -> Path:
+    p = tmp / "gate.json"
+    p.write_text("{ not json")
+    return p
+
+
+BAD = {
+    "bogus-policy": (lambda t: ["--policy", "bogus"], ("--policy", "bogus")),
+    "gate-without-tau": (lambda t: ["--policy", "gate"], ("--gate", "--threshold")),
+    "missing-gate": (lambda t: ["--policy", "gate", "--gate", str(t / "missing.json")], ("missing.json",)),
+    "gate-not-json": (lambda t: ["--policy", "gate", "--gate", str(_not_json(t))], ("gate.json", "JSON")),
+    "gate-wrong-format": (lambda t: ["--gate", str(_write_gate(t / "g.json", 0.5, format="other"))],
+                          ("g.json", "format")),
+    "gate-and-threshold": (lambda t: ["--policy", "gate", "--gate", str(_write_gate(t / "g.json")),
+                                      "--threshold", "0.5"], ("--gate", "--threshold")),
+    "batch-size-0": (lambda t: ["--policy", "always", "--batch-size", "0"], ("--batch-size",)),
+    "negative-threshold": (lambda t: ["--policy", "gate", "--threshold", "-1"], ("--threshold",)),
+    "max-new-tokens-0": (lambda t: ["--policy", "always", "--max-new-tokens", "0"], ("--max-new-tokens",)),
+    "bad-fast-path": (lambda t: ["--policy", "gate", "--threshold", "0.5", "--fast-path", "x"], ("--fast-path",)),
+    "max-rows-0": (lambda t: ["--policy", "invariant", "--max-rows", "0"], ("--max-rows",)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_cli_bad_input_exit_2(tmp_path, prompts_file, tiny_model_dir, case) -> None:
+    make, needles = BAD[case]
+    result = _invoke(_base(prompts_file, tiny_model_dir) + make(tmp_path))
+    _assert_one_line_error(result, *needles)
+
+
+def test_cli_unknown_model_exit_2(prompts_file) -> None:
+    result = _invoke(_base(prompts_file, Path("/nonexistent/model-x")) + ["--policy", "always"])
+    _assert_one_line_error(result, "/nonexistent/model-x")
+
+
+def test_cli_missing_prompts_exit_2(tmp_path, tiny_model_dir) -> None:
+    missing = tmp_path / "nope.jsonl"
+    result = _invoke(_base(missing, tiny_model_dir) + ["--policy", "always"])
+    _assert_one_line_error(result, "nope.jsonl")
+
+
+def test_library_errors_are_typed(tmp_path, prompts_file, tiny_lm) -> None:
+    def cfg(**kw):
+        base = dict(prompts=str(prompts_file), device="cpu", batch_size=2, max_new_tokens=2, limit=2)
+        base.update(kw)
+        return VerifyConfig(**base)
+
+    with pytest.raises(UsageError):
+        verify(cfg(policy="gate"), loaded=tiny_lm)
+    with pytest.raises(UsageError):
+        verify(cfg(policy="gate", threshold=math.nan), loaded=tiny_lm)
+    with pytest.raises(GateError):
+        verify(cfg(policy="gate", gate=tmp_path / "missing.json"), loaded=tiny_lm)
+    with pytest.raises(GateError):
+        verify(cfg(policy="gate", gate=_not_json(tmp_path)), loaded=tiny_lm)
+    report_path = tmp_path / "never.json"
+    with pytest.raises(UsageError):
+        verify(cfg(policy="bogus", report=report_path), loaded=tiny_lm)
+    assert not report_path.exists()
