@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--policies", default=",".join(p for p, _ in POLICIES))
+    ap.add_argument("--gate", type=Path, default=None,
+                    help="Use this gate.json instead of scanning and calibrating (policy runs only).")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
@@ -58,6 +60,7 @@ def main(argv=None) -> int:
 
     from mgaudit.calibrate import CalibrateConfig, calibrate
     from mgaudit.engine import solo_decode
+    from mgaudit.errors import TraceError
     from mgaudit.gated import DecodePolicy, decode
     from mgaudit.models import load_model
     from mgaudit.prompts import encode_prompt, load_prompts
@@ -76,19 +79,30 @@ def main(argv=None) -> int:
 
     # 1. scans
     scans = {}
-    for s in sets:
+    for s in (sets if args.gate is None else []):
         log(f"scan {s}")
         res = scan(ScanConfig(prompts=s, out=args.out / f"traces-{s}", model=args.model, device=args.device,
                               batch_sizes=sizes, max_new_tokens=args.max_new_tokens, limit=args.limit,
                               overwrite=True), loaded=lm)
         scans[s] = res.summary
-    # 2. calibrate on one set, transfer to the others
-    log(f"calibrate on {args.calibrate_on}")
-    cal = calibrate(CalibrateConfig(traces=[args.out / f"traces-{args.calibrate_on}"],
-                                    out=args.out / "gate.json",
-                                    eval_traces=[args.out / f"traces-{s}" for s in sets if s != args.calibrate_on]))
-    tau = cal.threshold
-    # 3. policies
+    # 2. calibrate on one set, transfer to the others (or take a given gate)
+    if args.gate is not None:
+        from mgaudit.calibrate import load_gate
+
+        gate = load_gate(args.gate)
+        tau, method, figures, transfer = gate["threshold"], f"from {args.gate}", gate.get("calibration", {}), []
+    else:
+        log(f"calibrate on {args.calibrate_on}")
+        cal_cfg = CalibrateConfig(traces=[args.out / f"traces-{args.calibrate_on}"], out=args.out / "gate.json",
+                                  eval_traces=[args.out / f"traces-{s}" for s in sets if s != args.calibrate_on])
+        try:
+            cal = calibrate(cal_cfg)
+        except TraceError as exc:  # no flips to fit on: fall back to the perturbation bound
+            log(f"{exc.message}; using --method bound")
+            cal_cfg.method = "bound"
+            cal = calibrate(cal_cfg)
+        tau, method, figures, transfer = cal.threshold, cal.method, cal.figures, cal.transfer
+    # 3. policies, each compared token by token with the solo output of this run
     results = []
     with torch.inference_mode():
         for s in sets:
@@ -98,45 +112,23 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             solos = [solo_decode(lm.model, p, args.max_new_tokens, eos).tokens for p in ids]
             solo_s = time.perf_counter() - t0
-            solo_tokens = sum(len(x) for x in solos)
             for b in sizes:
-                row_none = None
+                block = []
                 for name, kw in POLICIES:
                     if name not in wanted:
                         continue
                     pol = DecodePolicy(threshold=tau if kw["name"] == "gate" else None, **kw)
                     log(f"{s} B={b} {name}")
                     o = decode(lm.model, ids, pol, b, args.max_new_tokens, eos, pad)
-                    steps = sum(len(q.tokens) for q in o.sequences)
-                    rec = {
-                        "set": s, "batch_size": b, "policy": name,
-                        "identical": sum(q.tokens == r for q, r in zip(o.sequences, solos)),
-                        "sequences": len(ids),
-                        "trigger_rate": sum(q.triggers for q in o.sequences) / steps if steps else 0.0,
-                        "repairs": sum(q.repairs for q in o.sequences),
-                        "seconds": o.seconds, "tokens_per_second": steps / o.seconds,
-                        "solo_seconds": solo_s, "solo_tokens_per_second": solo_tokens / solo_s,
-                        "speedup_vs_solo": solo_s / o.seconds, "max_rows": o.max_rows,
-                    }
-                    if name == "none":
-                        row_none = rec
-                    results.append(rec)
-                for rec in results:
-                    if rec["set"] == s and rec["batch_size"] == b and row_none:
-                        rec["increment_over_none"] = rec["seconds"] - row_none["seconds"]
-                        rec["relative_increment"] = rec["seconds"] / row_none["seconds"] - 1
-                inc = {r["policy"]: r.get("increment_over_none") for r in results
-                       if r["set"] == s and r["batch_size"] == b}
-                if inc.get("always") is not None and inc.get("gate"):
-                    for r in results:
-                        if r["set"] == s and r["batch_size"] == b:
-                            r["always_over_gate_increment"] = inc["always"] / inc["gate"] if inc["gate"] > 0 else None
+                    block.append(policy_record(s, b, name, o, solos, solo_s))
+                add_increments(block)
+                results.extend(block)
     out = {
         "environment": environment(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "threshold": tau, "calibrated_on": args.calibrate_on,
-        "calibration": cal.figures, "transfer": cal.transfer,
-        "flips": {s: scans[s]["by_batch_size"] for s in sets},
+        "threshold": tau, "calibrated_on": args.calibrate_on if args.gate is None else None, "method": method,
+        "calibration": figures, "transfer": transfer,
+        "flips": {s: scans[s]["by_batch_size"] for s in scans},
         "policies": results,
         "elapsed_seconds": time.perf_counter() - t_start,
     }
@@ -147,6 +139,33 @@ def main(argv=None) -> int:
     print(md)
     log("done")
     return 0
+
+
+def policy_record(set_name, batch_size, policy, output, solos, solo_seconds) -> dict:
+    seqs = output.sequences
+    steps = sum(len(q.tokens) for q in seqs)
+    return {
+        "set": set_name, "batch_size": batch_size, "policy": policy,
+        "identical": sum(q.tokens == r for q, r in zip(seqs, solos)), "sequences": len(seqs),
+        "trigger_rate": sum(q.triggers for q in seqs) / steps if steps else 0.0,
+        "repairs": sum(q.repairs for q in seqs),
+        "seconds": output.seconds, "tokens_per_second": steps / output.seconds,
+        "solo_seconds": solo_seconds, "solo_tokens_per_second": sum(len(x) for x in solos) / solo_seconds,
+        "speedup_vs_solo": solo_seconds / output.seconds, "max_rows": output.max_rows,
+    }
+
+
+def add_increments(block: list[dict]) -> None:
+    """Latency increment of each policy over ``none`` and the always/gate ratio (one set, one batch size)."""
+    by = {r["policy"]: r for r in block}
+    none = by.get("none")
+    if none is None:
+        return
+    for r in block:
+        r["increment_over_none"] = r["seconds"] - none["seconds"]
+        r["relative_increment"] = r["seconds"] / none["seconds"] - 1
+    if "always" in by and "gate" in by and by["gate"]["increment_over_none"] > 0:
+        by["gate"]["always_over_gate_increment"] = by["always"]["increment_over_none"] / by["gate"]["increment_over_none"]
 
 
 def render_markdown(out) -> str:
@@ -163,12 +182,14 @@ def render_markdown(out) -> str:
             lines.append(f"| {s} | {e['batch_size']} | {sy.get('steps')} | {sy.get('flips')} | "
                          f"{100 * sy.get('flip_rate', 0):.2f}% | {'-' if mm is None else f'{mm:.4g}'} | "
                          f"{fr.get('sequences_diverged')}/{fr.get('sequences')} |")
-    lines += ["", f"### Gate calibrated on {out['calibrated_on']}: tau = {out['threshold']:.4g} "
+    lines += ["", f"### Gate calibrated on {out['calibrated_on']} ({out['method']}): tau = {out['threshold']:.4g} "
                   "(verify when batched margin < tau)", "",
               "| traces | recall | trigger rate | flips missed |", "|---|---:|---:|---:|"]
     c = out["calibration"]
-    lines.append(f"| {out['calibrated_on']} (calibration) | {c['recall']:.3f} | {100 * c['trigger_rate']:.1f}% | "
-                 f"{c['flips_missed']} |")
+    if c:
+        rc = c.get("recall")
+        lines.append(f"| {out['calibrated_on']} (calibration) | {'-' if rc is None else f'{rc:.3f}'} | "
+                     f"{100 * c['trigger_rate']:.1f}% | {c['flips_missed']} |")
     for t in out["transfer"] or []:
         f = t.get("figures", t)
         rec = f.get("recall")
@@ -184,12 +205,20 @@ def render_markdown(out) -> str:
         lines.append(f"| {r['set']} | {r['batch_size']} | {r['policy']} | {r['identical']}/{r['sequences']} | "
                      f"{100 * r['trigger_rate']:.1f}% | {r['repairs']} | {r['seconds']:.1f} | "
                      f"{r['tokens_per_second']:.0f} | "
-                     f"{'-' if inc is None else f'{inc:+.1f} s ({100 * r['relative_increment']:+.0f}%)'} | "
+                     f"{_inc(r)} | "
                      f"{'-' if ratio is None else f'{ratio:.1f}x'} | {r['speedup_vs_solo']:.2f}x |")
-    lines.append(f"\nSolo (batch size 1) reference: "
+    sets = list(dict.fromkeys(r["set"] for r in out["policies"]))
+    lines.append("\nSolo (batch size 1) reference: "
                  + ", ".join(f"{s}: {next(r['solo_seconds'] for r in out['policies'] if r['set'] == s):.1f} s"
-                             for s in out["flips"]) + f". Whole run: {out['elapsed_seconds']:.0f} s.\n")
+                             for s in sets) + f". Whole run: {out['elapsed_seconds']:.0f} s.\n")
     return "\n".join(lines) + "\n"
+
+
+def _inc(r) -> str:
+    inc = r.get("increment_over_none")
+    if inc is None:
+        return "-"
+    return f"{inc:+.1f} s ({100 * r['relative_increment']:+.0f}%)"
 
 
 def plot(out, path: Path) -> None:

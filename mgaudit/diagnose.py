@@ -40,7 +40,7 @@ from .diagnose_layers import (  # noqa: F401  (re-exported)
     locate_verdict,
 )
 from .diagnose_ops import DEFAULT_ROWS, OpPoint, OpResult, OpsReport, ops_verdict, parse_rows, probe_ops  # noqa: F401
-from .errors import PromptError, UsageError
+from .errors import OutputError, PromptError, UsageError
 from .traces import PROVENANCE_KEY, SCHEMA_VERSION_KEY, atomic_write_bytes, atomic_write_table
 
 KV_SCHEMA_VERSION = "1"
@@ -92,6 +92,7 @@ class OpsConfig:
     seed: int = 0
     kv_len: int = 48
     attn_implementation: str | None = None
+    threads: int | None = None  # torch threads (kernels can depend on it); None: torch's default
 
     def validate(self) -> None:
         if not self.rows or any(int(r) < 1 for r in self.rows):
@@ -113,6 +114,7 @@ class PromptConfig:
     exact: bool = False  # a batch of copies of the prompt: equal lengths, no padding
     chat: bool = True
     attn_implementation: str | None = None
+    threads: int | None = None  # torch threads (kernels can depend on it); None: torch's default
 
     def validate(self) -> None:
         _check_common(self.batch_size, self.max_new_tokens)
@@ -134,6 +136,7 @@ class KvConfig:
     plot: Path | None = None  # default: OUT/kv.png
     chat: bool = True
     attn_implementation: str | None = None
+    threads: int | None = None  # torch threads (kernels can depend on it); None: torch's default
 
     def validate(self) -> None:
         _check_common(self.batch_size, self.max_new_tokens, self.limit)
@@ -175,15 +178,24 @@ def batch_for(index: int | None, probe_ids: list[int], encoded: list[list[int]],
 # --------------------------------------------------------------------------- runners
 
 
-def _load(config, log):
+def _load(config, log, loaded=None):
+    """Set the torch thread count when asked, then load the model (unless one is given)."""
     from .models import load_model
 
+    if config.threads is not None:
+        import torch
+
+        if isinstance(config.threads, bool) or config.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {config.threads}")
+        torch.set_num_threads(config.threads)
+    if loaded is not None:
+        return loaded
     return load_model(config.model, config.dtype, config.device, config.attn_implementation, log=log)
 
 
 def run_ops(config: OpsConfig, log: Callable[[str], None] | None = None, loaded=None) -> OpsReport:
     config.validate()
-    lm = loaded or _load(config, log)
+    lm = _load(config, log, loaded)
     report = probe_ops(lm, row_counts=config.rows, seed=config.seed, kv_len=config.kv_len, progress=log)
     report.provenance = lm.provenance()
     return report
@@ -195,9 +207,11 @@ def run_prompt(config: PromptConfig, log: Callable[[str], None] | None = None, l
     config.validate()
     prompt_set = load_prompts(config.prompts)
     prompt = pick_prompt(prompt_set, config.prompt)
-    lm = loaded or _load(config, log)
+    lm = _load(config, log, loaded)
     encoded = [encode_prompt(lm.tokenizer, p, chat=config.chat) for p in prompt_set.prompts]
     index = next((i for i, p in enumerate(prompt_set.prompts) if p is prompt), None)
+    if index is None and log:
+        log(f"no prompt with id {config.prompt!r} in {prompt_set.name}: using it as the prompt text")
     probe = encoded[index] if index is not None else encode_prompt(lm.tokenizer, prompt, chat=config.chat)
     batch = batch_for(index, probe, encoded, config.batch_size, config.row, config.exact)
     return locate_divergence(lm, probe, batch, config.max_new_tokens, row=config.row, prompt_id=prompt.id)
@@ -214,6 +228,8 @@ class KvRun:
 def run_kv(config: KvConfig, log: Callable[[str], None] | None = None, loaded=None,
            on_prompt: Callable[[KvDriftResult], None] | None = None) -> KvRun:
     """kv_drift over the prompts, in order, until ``config.flips`` prompts have flipped."""
+    import torch
+
     from . import __version__
     from .prompts import encode_prompt, load_prompts
 
@@ -221,7 +237,12 @@ def run_kv(config: KvConfig, log: Callable[[str], None] | None = None, loaded=No
     prompt_set = load_prompts(config.prompts)  # --limit bounds the probed prompts; fillers come from all
     out = Path(config.out)
     plot = Path(config.plot) if config.plot else out / KV_PLOT
-    lm = loaded or _load(config, log)
+    for d in {out, plot.parent}:  # fail before the model runs, not after
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {d}: {exc.strerror or exc}", hint="choose a writable --out / --plot") from None
+    lm = _load(config, log, loaded)
     encoded = [encode_prompt(lm.tokenizer, p, chat=config.chat) for p in prompt_set.prompts]
     results: list[KvDriftResult] = []
     for i, p in enumerate(prompt_set.prompts[:config.limit]):
@@ -237,6 +258,7 @@ def run_kv(config: KvConfig, log: Callable[[str], None] | None = None, loaded=No
         "prompts": {"source": prompt_set.source, "name": prompt_set.name, "sha256": prompt_set.sha256,
                     "count": len(prompt_set.prompts)},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "torch_threads": torch.get_num_threads(),
         "mgaudit_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -281,12 +303,14 @@ def plot_kv_drift(results: Sequence[KvDriftResult], path: Path, dpi: int = 110, 
         layers = sorted({0, nl // 3, (2 * nl) // 3, nl - 1})
         k = np.asarray(res.k_max_abs_diff, dtype=float)
         for layer in layers:
-            ax.plot(res.steps, k[:, layer], marker=".", lw=1.2, label=f"layer {layer}")
+            ax.plot(res.steps, k[:, layer], marker=".", ms=3, lw=1.2, label=f"layer {layer}: all valid positions")
+        new = np.asarray(res.k_new_max_abs_diff, dtype=float)[:, nl - 1]
+        ax.plot(res.steps[1:], new[1:], color="gray", ls=":", lw=1.0, label=f"layer {nl - 1}: newest column")
         if res.flipped_at_step is not None:
             ax.axvline(res.flipped_at_step, color="red", ls="--", lw=1.2, label=f"first flip (step {res.flipped_at_step})")
-        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_ylim(bottom=0.0)
         ax.set_xlabel("step (-1 = prefill)")
-        ax.set_ylabel("K max |solo - batched| (valid positions)")
+        ax.set_ylabel("K max |solo - batched|")
         slope = "n/a" if res.slope is None else f"{res.slope:.3g}/token"
         ax.set_title(f"{res.prompt_id}: B={res.batch_size}, pad {res.pad_len}, slope {slope}", fontsize=9)
         ax.grid(alpha=0.3)

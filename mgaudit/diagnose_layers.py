@@ -197,6 +197,7 @@ class LocateReport:
     padded: bool  # some row of the batch is padded (the batch carries a mask)
     steps: list[StepDivergence] = field(default_factory=list)
     verdict: str = ""
+    torch_threads: int = 0
 
     @property
     def first_divergent_step(self) -> int | None:
@@ -231,7 +232,8 @@ def locate_divergence(lm, prompt_ids: Sequence[int], batch_prompt_ids: Sequence[
     width = max(lengths)
     n_layers = len(model_parts(lm.model).layers)
     rep = LocateReport(prompt_id, len(prompt_ids), len(batch_prompt_ids), row, width - len(prompt_ids), lengths,
-                       n_layers, len(lengths) * width, len(prompt_ids), any(n < width for n in lengths))
+                       n_layers, len(lengths) * width, len(prompt_ids), any(n < width for n in lengths),
+                       torch_threads=torch.get_num_threads())
     for v in _lockstep(lm, prompt_ids, batch_prompt_ids, row, max_new_tokens, hooks=True):
         diffs = {}
         first = None
@@ -364,7 +366,9 @@ class KvDriftResult:
 def _fit(x: list[float], y: list[float]) -> float | None:
     if len(x) < 2 or len(set(x)) < 2:
         return None
-    return float(np.polyfit(np.asarray(x, float), np.asarray(y, float), 1)[0])
+    xa, ya = np.asarray(x, float), np.asarray(y, float)
+    dx = xa - xa.mean()
+    return float((dx * (ya - ya.mean())).sum() / (dx * dx).sum())  # least squares; exactly 0 for constant y
 
 
 def trend_of(slope: float | None, x: list[float], y: list[float]) -> str | None:

@@ -389,6 +389,10 @@ def probe_ops(lm, row_counts: Sequence[int] = DEFAULT_ROWS, seed: int = 0, kv_le
     report = OpsReport(model=lm.name, dtype=str(dtype).replace("torch.", ""), device=str(device),
                        row_counts=rows, kv_len=kv_len, seed=seed, ops=ops, torch_threads=torch.get_num_threads())
     report.verdict = ops_verdict(report)
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl and impl != "sdpa":
+        report.verdict += (f" Note: this model runs {impl!r} attention; the attention rows probe torch sdpa "
+                           "as the sdpa path would call it.")
     return report
 
 

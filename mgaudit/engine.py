@@ -134,7 +134,10 @@ def padded_decode(
     # Prefill. Positions as generate derives them from the mask.
     position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     cache = new_cache(model)
-    logits = _forward_last(model, ids, mask, position_ids, cache)
+    # A single unpadded row needs no mask: generate's all-ones mask is dropped by
+    # transformers' mask code (sdpa then runs causal/unmasked) - same numerics, less work.
+    use_mask = bsz > 1
+    logits = _forward_last(model, ids, mask if use_mask else None, position_ids, cache)
     next_pos = position_ids[:, -1:] + 1
     for step in range(n_steps):
         tok, run, t1, t2 = top2_stats(logits)
@@ -174,7 +177,8 @@ def padded_decode(
         if all(done):
             break
         inp = torch.tensor(feed, dtype=torch.long, device=device)[:, None]
-        mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=device)], dim=-1)
-        logits = _forward_last(model, inp, mask, next_pos, cache)
+        if use_mask:
+            mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=device)], dim=-1)
+        logits = _forward_last(model, inp, mask if use_mask else None, next_pos, cache)
         next_pos = next_pos + 1
     return rows

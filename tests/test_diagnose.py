@@ -86,6 +86,10 @@ def _ids(lm, text):
 
 
 def test_parse_rows():
+    from mgaudit.commands.diagnose import DEFAULT_ROWS_TEXT
+    from mgaudit.diagnose import DEFAULT_ROWS
+
+    assert parse_rows(DEFAULT_ROWS_TEXT) == list(DEFAULT_ROWS)
     assert parse_rows("64, 1,2,2") == [1, 2, 64]
     for bad in ("", "1,x", "0", "-3", "1.5"):
         with pytest.raises(UsageError):

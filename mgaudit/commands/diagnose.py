@@ -13,6 +13,7 @@ from .. import console
 from . import options
 from .boundary import guarded
 
+THREADS = typer.Option(None, "--threads", help="torch CPU threads (kernels can depend on it); default: torch's.")
 DEFAULT_ROWS_TEXT = "1,2,3,4,8,16,32,48,63,64,65,96,128,256"
 
 
@@ -102,13 +103,14 @@ def register(app: typer.Typer) -> None:
         rows: str = typer.Option(DEFAULT_ROWS_TEXT, "--rows", help="Comma-separated row counts M to probe."),
         kv_len: int = typer.Option(48, "--kv-len", help="K/V cache length of the attention probes."),
         seed: int = typer.Option(0, "--seed", help="Seed of the random probe inputs."),
+        threads: int = THREADS,
         json_out: bool = options.JSON,
     ) -> None:
         """Probe every op (Linear shapes, RMSNorm, rotary, sdpa) for bit-identity to batch 1 as M grows."""
         from ..diagnose import OpsConfig, parse_rows, run_ops
 
         config = OpsConfig(model=model, dtype=dtype, device=device, rows=parse_rows(rows), seed=seed,
-                           kv_len=kv_len, attn_implementation=attn)
+                           kv_len=kv_len, attn_implementation=attn, threads=threads)
         config.validate()
         report = run_ops(config, log=lambda m: console.err.print(escape(m)))
         if json_out:
@@ -130,6 +132,7 @@ def register(app: typer.Typer) -> None:
         device: str = options.DEVICE,
         attn: str = options.ATTN,
         no_chat: bool = options.NO_CHAT,
+        threads: int = THREADS,
         json_out: bool = options.JSON,
     ) -> None:
         """Per step, the first layer and block (attention/MLP) where the batched row leaves solo."""
@@ -137,7 +140,7 @@ def register(app: typer.Typer) -> None:
 
         config = PromptConfig(prompt=prompt, prompts=prompts, model=model, dtype=dtype, device=device,
                               batch_size=batch_size, max_new_tokens=max_new_tokens, row=row, exact=exact,
-                              chat=not no_chat, attn_implementation=attn)
+                              chat=not no_chat, attn_implementation=attn, threads=threads)
         config.validate()
         rep = run_prompt(config, log=lambda m: console.err.print(escape(m)))
         if json_out:
@@ -152,7 +155,8 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="Directory for kv.parquet and kv.png."),
         batch_size: int = typer.Option(8, "--batch-size", "-b", help="Rows of each batch."),
         max_new_tokens: int = options.MAX_NEW,
-        limit: int = options.LIMIT,
+        limit: int = typer.Option(None, "--limit", help="Probe only the first N prompts (fillers still come from "
+                                                        "the whole set)."),
         flips: int = typer.Option(3, "--flips", help="Stop after this many prompts with an argmax flip."),
         plot: Path = typer.Option(None, "--plot", help="Where to write the PNG (default OUT/kv.png)."),
         model: str = options.MODEL,
@@ -160,6 +164,7 @@ def register(app: typer.Typer) -> None:
         device: str = options.DEVICE,
         attn: str = options.ATTN,
         no_chat: bool = options.NO_CHAT,
+        threads: int = THREADS,
         json_out: bool = options.JSON,
     ) -> None:
         """Solo vs batched K/V caches per layer and step, until argmax flips are found; slope of the drift."""
@@ -167,7 +172,7 @@ def register(app: typer.Typer) -> None:
 
         config = KvConfig(prompts=prompts, out=out, model=model, dtype=dtype, device=device, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, limit=limit, flips=flips, plot=plot, chat=not no_chat,
-                          attn_implementation=attn)
+                          attn_implementation=attn, threads=threads)
         config.validate()
 
         def on_prompt(r: Any) -> None:
