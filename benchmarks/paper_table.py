@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sets", default="math,code,chat")
     ap.add_argument("--calibrate-on", default="math")
     ap.add_argument("--batch-sizes", default="16")
-    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--limit", type=int, default=12)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--policies", default=",".join(p for p, _ in POLICIES))
     ap.add_argument("--gate", type=Path, default=None,
@@ -182,13 +182,14 @@ def render_markdown(out) -> str:
             lines.append(f"| {s} | {e['batch_size']} | {sy.get('steps')} | {sy.get('flips')} | "
                          f"{100 * sy.get('flip_rate', 0):.2f}% | {'-' if mm is None else f'{mm:.4g}'} | "
                          f"{fr.get('sequences_diverged')}/{fr.get('sequences')} |")
-    lines += ["", f"### Gate calibrated on {out['calibrated_on']} ({out['method']}): tau = {out['threshold']:.4g} "
+    origin = f"calibrated on {out['calibrated_on']}" if out["calibrated_on"] else "given"
+    lines += ["", f"### Gate {origin} ({out['method']}): tau = {out['threshold']:.4g} "
                   "(verify when batched margin < tau)", "",
               "| traces | recall | trigger rate | flips missed |", "|---|---:|---:|---:|"]
     c = out["calibration"]
     if c:
         rc = c.get("recall")
-        lines.append(f"| {out['calibrated_on']} (calibration) | {'-' if rc is None else f'{rc:.3f}'} | "
+        lines.append(f"| {out['calibrated_on'] or 'its calibration traces'} | {'-' if rc is None else f'{rc:.3f}'} | "
                      f"{100 * c['trigger_rate']:.1f}% | {c['flips_missed']} |")
     for t in out["transfer"] or []:
         f = t.get("figures", t)

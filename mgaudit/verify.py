@@ -8,6 +8,7 @@ where not, where and how they part; the CLI exits 0 only if all are identical.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -154,8 +155,15 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
     report = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
-        "policy": {"name": policy.name, "threshold": threshold, "fast_path": policy.fast_path if policy.name == "gate"
-                   else None, "batch_size": config.batch_size, "gate": gate_info},
+        "policy": {
+            "name": policy.name,
+            # strict JSON has no infinity: an infinite tau (verify every step) is written as null
+            "threshold": threshold if threshold is None or math.isfinite(threshold) else None,
+            "threshold_text": None if threshold is None else repr(float(threshold)),
+            "fast_path": policy.fast_path if policy.name == "gate" else None,
+            "batch_size": config.batch_size,
+            "gate": gate_info,
+        },
         "summary": summary,
         "sequences": records,
         "provenance": {

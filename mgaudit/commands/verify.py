@@ -16,7 +16,7 @@ from .boundary import guarded
 
 def render(report: dict[str, Any]) -> None:
     s, pol = report["summary"], report["policy"]
-    name = pol["name"] + (f" (tau={pol['threshold']:.4g}, {pol['fast_path']} fast path)" if pol["name"] == "gate" else "")
+    name = pol["name"] + (f" (tau={pol['threshold_text']}, {pol['fast_path']} fast path)" if pol["name"] == "gate" else "")
     table = Table(title=f"verify: policy {name}, batch size {pol['batch_size']}")
     table.add_column("sequences identical to solo", justify="right")
     table.add_column("trigger rate", justify="right")
