@@ -268,8 +268,10 @@ class _quiet_transformers:
 
         self._level = tlog.get_verbosity()
         self._bars = tlog.is_progress_bar_enabled()
+        self._tqdm = os.environ.get("TQDM_DISABLE")
         tlog.set_verbosity_error()
         tlog.disable_progress_bar()
+        os.environ["TQDM_DISABLE"] = "1"  # the GGUF converter's own tqdm bars
         return self
 
     def __exit__(self, *exc):
@@ -278,6 +280,10 @@ class _quiet_transformers:
         tlog.set_verbosity(self._level)
         if self._bars:
             tlog.enable_progress_bar()
+        if self._tqdm is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = self._tqdm
         return False
 
 
