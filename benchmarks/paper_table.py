@@ -201,7 +201,6 @@ def render_markdown(out) -> str:
               "increment over none | always/gate increment | speed-up vs solo |",
               "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in out["policies"]:
-        inc = r.get("increment_over_none")
         ratio = r.get("always_over_gate_increment") if r["policy"] == "gate" else None
         lines.append(f"| {r['set']} | {r['batch_size']} | {r['policy']} | {r['identical']}/{r['sequences']} | "
                      f"{100 * r['trigger_rate']:.1f}% | {r['repairs']} | {r['seconds']:.1f} | "

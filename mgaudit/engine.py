@@ -68,6 +68,17 @@ def _forward_last(model, input_ids, attention_mask, position_ids, cache) -> torc
     return out.logits[:, -1, :]
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of a left-padded batch, as ``generate`` builds them."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[b, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def new_cache(model):
     from transformers import DynamicCache
 
@@ -111,14 +122,7 @@ def padded_decode(
     """
     device = model.device
     bsz = len(prompts)
-    lengths = [len(p) for p in prompts]
-    width = max(lengths)
-    ids = torch.full((bsz, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((bsz, width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[b, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = left_pad(prompts, pad_id, device)
     eos = set(int(e) for e in eos_ids)
     if forced is not None:
         steps_for = [len(f) for f in forced]

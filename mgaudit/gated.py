@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .engine import _forward_last, new_cache, padded_decode, top2_stats
+from .engine import _forward_last, left_pad, new_cache, top2_stats
 from .errors import UsageError
 
 POLICIES = ("none", "always", "gate", "invariant")
@@ -159,12 +159,7 @@ def decode_batch(
 
     if policy.name == "none" or not policy.solo_prefill:
         # generate-style batched prefill; the decode below continues on its cache
-        ids = torch.full((bsz, width), pad_id, dtype=torch.long)
-        mask = torch.zeros((bsz, width), dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, width - len(p):] = torch.tensor(list(p))
-            mask[b, width - len(p):] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = left_pad(prompts, pad_id, device)
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         cache = new_cache(model)
         logits = _forward_last(model, ids, mask, pos, cache)
@@ -178,13 +173,12 @@ def decode_batch(
             caches.append(c)
         logits = torch.cat(rows)
         cache = _pad_cache_left(model, caches, lengths)
-        mask = torch.zeros((bsz, width), dtype=torch.long, device=device)
-        for b, p in enumerate(prompts):
-            mask[b, width - len(p):] = 1
+        _, mask = left_pad(prompts, pad_id, device)
     starts = [width - n for n in lengths]
     next_pos = torch.tensor(lengths, dtype=torch.long, device=device)[:, None]
     done = [False] * bsz
     chunk = max_rows if (policy.ragged and max_rows) else None
+    last_fed = None  # the tokens fed at the previous step (what a verifier recomputes)
 
     for step in range(max_new_tokens):
         tok, _, t1, t2 = top2_stats(logits)

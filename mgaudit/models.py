@@ -298,8 +298,6 @@ def load_model(
     log=None,
 ) -> LoadedModel:
     """Load a model by default alias, local directory, ``.gguf`` file or Hub id."""
-    import torch
-
     torch_dtype = resolve_dtype(dtype)
     dtype_name = str(torch_dtype).replace("torch.", "")
     dev = resolve_device(device)
