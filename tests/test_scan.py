@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from cli_helpers import assert_one_line_error as _assert_one_line_error
+from cli_helpers import invoke as _invoke
+from cli_helpers import stderr_of as _stderr
 from typer.testing import CliRunner
 
 import mgaudit
-import mgaudit.scan as scan_mod
 from mgaudit.errors import MgauditError, ModelError, OutputError, PromptError, UsageError
 from mgaudit.scan import ScanConfig, batch_groups, parse_batch_sizes, scan
 from mgaudit.traces import PROVENANCE_KEY
@@ -373,31 +374,6 @@ def test_cli_interrupt_exits_130_and_resume_finishes(tmp_path, prompts_file, tin
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def _invoke(args: list[str]):
-    from mgaudit.cli import app
-
-    return CliRunner().invoke(app, args)
-
-
-def _stderr(result) -> str:
-    try:
-        return result.stderr
-    except (ValueError, AttributeError):  # older click: stderr mixed into output
-        return result.output
-
-
-def _assert_one_line_error(result, *needles: str) -> str:
-    err = _stderr(result)
-    assert result.exit_code == 2, (result.exit_code, result.output, err, result.exception)
-    assert "Traceback" not in err and "Traceback" not in result.output
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:"), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def test_cli_scan_json(tmp_path, prompts_file, tiny_model_dir) -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from cli_helpers import assert_one_line_error as _assert_one_line_error
+from cli_helpers import invoke as _invoke
+from cli_helpers import stderr_of as _stderr
 
 import mgaudit.gated as gated
 from mgaudit.errors import GateError, UsageError
@@ -29,34 +31,9 @@ DIVERGENCE_KEYS = {"solo_token", "gated_token", "solo_margin", "gated_margin", "
 IDS = [f"tiny-{i:02d}" for i in range(LIMIT)]
 
 
-def _invoke(args: list[str]):
-    from mgaudit.cli import app
-
-    return CliRunner().invoke(app, args)
-
-
-def _stderr(result) -> str:
-    try:
-        return result.stderr
-    except (ValueError, AttributeError):  # older click: stderr mixed into output
-        return result.output
-
-
 def _ok(result, code: int = 0) -> None:
     assert result.exit_code == code, (result.exit_code, result.stdout, _stderr(result), result.exception)
     assert "Traceback" not in _stderr(result)
-
-
-def _assert_one_line_error(result, *needles: str) -> str:
-    err = _stderr(result)
-    assert result.exit_code == 2, (result.exit_code, result.output, err, result.exception)
-    assert "Traceback" not in err and "Traceback" not in result.output
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:"), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def _base(prompts: Path, model: Path) -> list[str]:
