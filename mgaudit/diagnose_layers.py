@@ -79,15 +79,12 @@ class _Hooks:
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device):
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[b, width - len(p):] = 1
-    # Positions as generate derives them from the mask (engine.padded_decode does the same).
+    """The engine's generate-style left padding, plus the positions generate derives from the mask."""
+    from .engine import left_pad
+
+    ids, mask = left_pad(prompts, pad_id, device)
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    return ids.to(device), mask.to(device), pos.to(device)
+    return ids, mask, pos
 
 
 def resolve_row(prompt_ids: Sequence[int], batch_prompt_ids: Sequence[Sequence[int]], row: int | None) -> int:
