@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .diagnose_ops import model_parts
-from .engine import _forward_last, new_cache
+from .engine import _forward_last, left_pad, new_cache
 from .errors import UsageError
 
 BLOCKS = ("attention", "mlp", "layer")  # order inside a decoder layer; "layer" = its output
@@ -78,15 +78,6 @@ class _Hooks:
         self.handles = []
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device):
-    """The engine's generate-style left padding, plus the positions generate derives from the mask."""
-    from .engine import left_pad
-
-    ids, mask = left_pad(prompts, pad_id, device)
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    return ids, mask, pos
-
-
 def resolve_row(prompt_ids: Sequence[int], batch_prompt_ids: Sequence[Sequence[int]], row: int | None) -> int:
     if not batch_prompt_ids:
         raise UsageError("the batch is empty", hint="give the prompts of the batch, the probed one included")
@@ -113,8 +104,8 @@ def _lockstep(lm, prompt_ids, batch_prompt_ids, row: int, max_new_tokens: int, h
     parts = model_parts(model)
     eos = set(lm.eos_token_ids)
     pad_id = lm.pad_token_id
-    s_ids, s_mask, s_pos = _left_pad([prompt_ids], pad_id, device)
-    b_ids, b_mask, b_pos = _left_pad(batch_prompt_ids, pad_id, device)
+    s_ids, s_mask, s_pos = left_pad([prompt_ids], pad_id, device)
+    b_ids, b_mask, b_pos = left_pad(batch_prompt_ids, pad_id, device)
     pad = b_ids.shape[1] - len(prompt_ids)
     bsz = b_ids.shape[0]
     s_cache, b_cache = new_cache(model), new_cache(model)

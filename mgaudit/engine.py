@@ -68,15 +68,17 @@ def _forward_last(model, input_ids, attention_mask, position_ids, cache) -> torc
     return out.logits[:, -1, :]
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask of a left-padded batch, as ``generate`` builds them."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, attention mask and position ids of a left-padded batch, as ``generate`` builds them
+    (positions count the row's real tokens; pads get 1)."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for b, p in enumerate(prompts):
         ids[b, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
         mask[b, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return ids.to(device), mask.to(device), positions.to(device)
 
 
 def new_cache(model):
@@ -122,7 +124,7 @@ def padded_decode(
     """
     device = model.device
     bsz = len(prompts)
-    ids, mask = left_pad(prompts, pad_id, device)
+    ids, mask, position_ids = left_pad(prompts, pad_id, device)
     eos = set(int(e) for e in eos_ids)
     if forced is not None:
         steps_for = [len(f) for f in forced]
@@ -135,8 +137,7 @@ def padded_decode(
     done = [False] * bsz
     prefix_ok = [True] * bsz
 
-    # Prefill. Positions as generate derives them from the mask.
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    # Prefill.
     cache = new_cache(model)
     # A single unpadded row needs no mask: generate's all-ones mask is dropped by
     # transformers' mask code (sdpa then runs causal/unmasked) - same numerics, less work.

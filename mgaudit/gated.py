@@ -24,6 +24,7 @@ Policies (see docs/design.md for why):
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -157,10 +158,9 @@ def decode_batch(
     lengths = [len(p) for p in prompts]
     width = max(lengths)
 
-    if policy.name == "none" or not policy.solo_prefill:
+    if not policy.solo_prefill:
         # generate-style batched prefill; the decode below continues on its cache
-        ids, mask = left_pad(prompts, pad_id, device)
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        ids, mask, pos = left_pad(prompts, pad_id, device)
         cache = new_cache(model)
         logits = _forward_last(model, ids, mask, pos, cache)
     else:
@@ -173,7 +173,7 @@ def decode_batch(
             caches.append(c)
         logits = torch.cat(rows)
         cache = _pad_cache_left(model, caches, lengths)
-        _, mask = left_pad(prompts, pad_id, device)
+        _, mask, _ = left_pad(prompts, pad_id, device)
     starts = [width - n for n in lengths]
     next_pos = torch.tensor(lengths, dtype=torch.long, device=device)[:, None]
     done = [False] * bsz
@@ -220,21 +220,13 @@ def decode_batch(
         last_fed = torch.tensor(feed, dtype=torch.long, device=device)[:, None]
         if policy.ragged:
             with ragged_step(model, starts), (row_chunked_linears(model, chunk) if chunk and chunk < bsz
-                                              else _nullcontext()):
+                                              else contextlib.nullcontext()):
                 logits = _forward_last(model, last_fed, None, next_pos, cache)
         else:
             mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=device)], dim=-1)
             logits = _forward_last(model, last_fed, mask, next_pos, cache)
         next_pos = next_pos + 1
     return results
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def decode(
