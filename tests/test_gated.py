@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import mgaudit.gated as gated
+from perturb import flip_logits_at, is_batched_step
 import mgaudit.invariance as invariance
 import mgaudit.ragged as ragged
 from mgaudit.engine import solo_decode
@@ -192,37 +193,13 @@ def test_gate_verifies_exactly_the_low_margin_steps(setup) -> None:
 # --------------------------------------------------------------------------- repairs
 
 
-def _is_batched_step(input_ids: torch.Tensor) -> bool:
-    return input_ids.shape[0] > 1 and input_ids.shape[1] == 1
-
-
-def _flip_logits_at(monkeypatch, call: int) -> dict:
-    """At the ``call``-th batched decode forward, row 0's runner-up becomes its argmax by 0.01."""
-    orig = gated._forward_last
-    state = {"calls": 0, "flipped": None}
-
-    def wrapper(model, input_ids, attention_mask, position_ids, cache):
-        logits = orig(model, input_ids, attention_mask, position_ids, cache)
-        if _is_batched_step(input_ids):
-            if state["calls"] == call:
-                logits = logits.float()  # so that +0.01 is not rounded away (bf16)
-                top = torch.topk(logits[0], 2)
-                logits[0, top.indices[1]] = top.values[0] + 0.01
-                state["flipped"] = (int(top.indices[0]), int(top.indices[1]))
-            state["calls"] += 1
-        return logits
-
-    monkeypatch.setattr(gated, "_forward_last", wrapper)
-    return state
-
-
 #: The 3rd batched decode forward produces the logits of step 3 (step 0 comes from the prefill).
 FLIP_CALL, FLIP_STEP = 2, 3
 
 
 @pytest.mark.parametrize("fast_path", ["ragged", "padded"])
 def test_gate_repairs_a_flipped_logit(setup, monkeypatch, fast_path) -> None:
-    state = _flip_logits_at(monkeypatch, FLIP_CALL)
+    state = flip_logits_at(monkeypatch, FLIP_CALL)
     out = _decode(setup, DecodePolicy("gate", 1.0, fast_path=fast_path), 4)
     assert state["flipped"] is not None
     solo_tok, runner = state["flipped"]
@@ -237,7 +214,7 @@ def test_gate_repairs_a_flipped_logit(setup, monkeypatch, fast_path) -> None:
 
 
 def test_always_repairs_a_flipped_logit(setup, monkeypatch) -> None:
-    state = _flip_logits_at(monkeypatch, FLIP_CALL)
+    state = flip_logits_at(monkeypatch, FLIP_CALL)
     out = _decode(setup, DecodePolicy("always"), 4)
     assert state["flipped"] is not None
     assert out.sequences[0].repaired[FLIP_STEP] and out.sequences[0].repairs == 1
@@ -247,7 +224,7 @@ def test_always_repairs_a_flipped_logit(setup, monkeypatch) -> None:
 @pytest.mark.parametrize("policy", [DecodePolicy("invariant"), DecodePolicy("none"), DecodePolicy("gate", 0.0)],
                          ids=["invariant", "none", "gate-0"])
 def test_without_a_verifier_the_flip_shows(setup, monkeypatch, policy) -> None:
-    state = _flip_logits_at(monkeypatch, FLIP_CALL)
+    state = flip_logits_at(monkeypatch, FLIP_CALL)
     out = _decode(setup, policy, 4)
     solo_tok, runner = state["flipped"]
     r = out.sequences[0]
@@ -264,7 +241,7 @@ def _corrupt_kv(monkeypatch, noise: float = 1.0) -> dict:
 
     def wrapper(model, input_ids, attention_mask, position_ids, cache):
         logits = orig(model, input_ids, attention_mask, position_ids, cache)
-        if _is_batched_step(input_ids):
+        if is_batched_step(input_ids):
             for layer in cache.layers:
                 layer.keys[0, :, -1] += noise
             state["calls"] += 1

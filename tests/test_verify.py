@@ -12,12 +12,11 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from cli_helpers import assert_one_line_error as _assert_one_line_error
 from cli_helpers import invoke as _invoke
 from cli_helpers import stderr_of as _stderr
 
-import mgaudit.gated as gated
+from perturb import flip_logits_at
 from mgaudit.errors import GateError, UsageError
 from mgaudit.verify import REPORT_FORMAT, REPORT_VERSION, VerifyConfig, verify
 
@@ -142,22 +141,7 @@ def test_library_verify(tmp_path, prompts_file, tiny_lm) -> None:
 
 def _flip_row0_at_step3(monkeypatch) -> dict:
     """The 3rd batched decode forward (logits of step 3): row 0's runner-up wins by 0.01."""
-    orig = gated._forward_last
-    state = {"calls": 0, "flipped": None}
-
-    def wrapper(model, input_ids, attention_mask, position_ids, cache):
-        logits = orig(model, input_ids, attention_mask, position_ids, cache)
-        if input_ids.shape[0] > 1 and input_ids.shape[1] == 1:
-            if state["calls"] == 2:
-                logits = logits.float()  # keep the 0.01 (bf16 would round it away)
-                top = torch.topk(logits[0], 2)
-                logits[0, top.indices[1]] = top.values[0] + 0.01
-                state["flipped"] = (int(top.indices[0]), int(top.indices[1]))
-            state["calls"] += 1
-        return logits
-
-    monkeypatch.setattr(gated, "_forward_last", wrapper)
-    return state
+    return flip_logits_at(monkeypatch, call=2)
 
 
 def _row_of(stdout: str, pid: str) -> list[str]:

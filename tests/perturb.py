@@ -1,0 +1,31 @@
+"""Perturbations injected into the batched fast path, to show the verifier repairs them."""
+
+from __future__ import annotations
+
+import torch
+
+import mgaudit.gated as gated
+
+
+def is_batched_step(input_ids: torch.Tensor) -> bool:
+    return input_ids.shape[0] > 1 and input_ids.shape[1] == 1
+
+
+def flip_logits_at(monkeypatch, call: int) -> dict:
+    """At the ``call``-th batched decode forward, row 0's runner-up becomes its argmax by 0.01."""
+    orig = gated._forward_last
+    state = {"calls": 0, "flipped": None}
+
+    def wrapper(model, input_ids, attention_mask, position_ids, cache):
+        logits = orig(model, input_ids, attention_mask, position_ids, cache)
+        if is_batched_step(input_ids):
+            if state["calls"] == call:
+                logits = logits.float()  # so that +0.01 is not rounded away (bf16)
+                top = torch.topk(logits[0], 2)
+                logits[0, top.indices[1]] = top.values[0] + 0.01
+                state["flipped"] = (int(top.indices[0]), int(top.indices[1]))
+            state["calls"] += 1
+        return logits
+
+    monkeypatch.setattr(gated, "_forward_last", wrapper)
+    return state
