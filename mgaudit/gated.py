@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .cache_ops import pad_cache_left, row_cache, write_columns
 from .engine import _forward_last, left_pad, new_cache, top2_stats
 from .errors import UsageError
 
@@ -99,44 +100,6 @@ class DecodeOutput:
     max_rows: int | None
 
 
-def _cache_layers(cache):
-    return cache.layers
-
-
-def _pad_cache_left(model, solo_caches: Sequence[Any], lengths: Sequence[int]):
-    """One left-padded batch cache from per-row batch-1 caches (pads are zeros)."""
-    cache = new_cache(model)
-    width = max(lengths)
-    n_layers = len(_cache_layers(solo_caches[0]))
-    for i in range(n_layers):
-        ks = [_cache_layers(c)[i].keys for c in solo_caches]
-        vs = [_cache_layers(c)[i].values for c in solo_caches]
-        k0 = ks[0]
-        K = k0.new_zeros((len(ks), k0.shape[1], width, k0.shape[3]))
-        V = K.clone()
-        for b, (k, v) in enumerate(zip(ks, vs)):
-            K[b, :, width - k.shape[2]:] = k[0]
-            V[b, :, width - v.shape[2]:] = v[0]
-        cache.update(K, V, i)
-    return cache
-
-
-def _row_cache(model, cache, b: int, start: int, end: int):
-    """A batch-1 cache holding row ``b``'s positions [start, end) of a batch cache."""
-    one = new_cache(model)
-    for i, layer in enumerate(_cache_layers(cache)):
-        # update() copies the views into the new cache (one copy per layer)
-        one.update(layer.keys[b:b + 1, :, start:end], layer.values[b:b + 1, :, start:end], i)
-    return one
-
-
-def _write_column(cache, one, b: int) -> None:
-    """Replace row ``b``'s last K/V column of ``cache`` by the last column of ``one``."""
-    for layer, src in zip(_cache_layers(cache), _cache_layers(one)):
-        layer.keys[b, :, -1] = src.keys[0, :, -1]
-        layer.values[b, :, -1] = src.values[0, :, -1]
-
-
 @torch.inference_mode()
 def decode_batch(
     model,
@@ -172,7 +135,7 @@ def decode_batch(
             rows.append(_forward_last(model, ids, m, m.cumsum(-1) - 1, c))
             caches.append(c)
         logits = torch.cat(rows)
-        cache = _pad_cache_left(model, caches, lengths)
+        cache = pad_cache_left(model, caches, lengths)
         _, mask, _ = left_pad(prompts, pad_id, device)
     starts = [width - n for n in lengths]
     next_pos = torch.tensor(lengths, dtype=torch.long, device=device)[:, None]
@@ -192,12 +155,12 @@ def decode_batch(
             for b in range(bsz):
                 if done[b] or not policy.verifies(t1[b] - t2[b]):
                     continue
-                one = _row_cache(model, cache, b, starts[b], total - 1)
+                one = row_cache(model, cache, b, starts[b], total - 1)
                 n = total - starts[b]
                 m1 = torch.ones((1, n), dtype=torch.long, device=device)
                 solo_logits = _forward_last(model, last_fed[b:b + 1], m1, next_pos[b:b + 1] - 1, one)
                 s_tok = int(torch.argmax(solo_logits, dim=-1))
-                _write_column(cache, one, b)
+                write_columns(cache, one, b)
                 verified_now[b] = True
                 if s_tok != tok[b]:
                     repaired_now[b] = True
