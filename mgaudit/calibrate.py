@@ -28,8 +28,10 @@ picks the one that becomes the threshold. Everything here is numpy/pyarrow only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,8 +42,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import __version__
-from .errors import GateError, OutputError, TraceError, UsageError
-from .traces import atomic_write_json, check_same_model, read_traces
+from .errors import GateError, OutputError, TraceError, UsageError, json_error_text
+from .traces import atomic_write_json, check_output_file, check_same_model, read_traces, trace_files
 
 GATE_FORMAT = "mgaudit.gate"
 GATE_VERSION = 1
@@ -55,6 +57,11 @@ DEFAULT_SAFETY = 0.0625
 GRID_POINTS = (0.0, 0.0625, 0.125, 0.25, 0.5, 1.0, 2.0)
 #: At most this many flip margins enter the candidate grid (evenly spaced by rank).
 MAX_FLIP_CANDIDATES = 40
+#: Below this many flips a recall figure says little (at 30 of 30 the 95 % interval is still
+#: about [89 %, 100 %]): calibrate warns, in its output and in gate.json.
+MIN_FLIPS = 30
+#: z for two-sided 95 % intervals.
+Z95 = 1.959963984540054
 
 
 @dataclass
@@ -88,6 +95,11 @@ class CalibrateConfig:
         for flag, p in (("--out", self.out), ("--plot", self.plot)):
             if p is not None and Path(p).is_dir():
                 raise OutputError(f"{flag} {p} is a directory", hint=f"give a file path such as {Path(p) / _default_name(flag)}")
+        for what, p in (("gate file", self.out), ("plot file", self.plot)):
+            if p is not None:
+                check_output_file(Path(p), what)
+        _refuse_duplicates(self.traces, "trace path")
+        _refuse_duplicates(self.eval_traces, "evaluation trace path")
 
     def parameters(self) -> dict[str, Any]:
         return {
@@ -115,27 +127,47 @@ class CalibrationResult:
     parameters: dict[str, Any]
     fit: dict[str, Any]  # the raw quantities the taus come from
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    warnings: list[str] = field(default_factory=list)  # e.g. too few flips for the recall to mean much
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        """Everything, as JSON types; thresholds as their shortest float32 decimals."""
+        d = asdict(self)
+        for k in ("threshold", "recall_tau", "bound_tau"):
+            if d[k] is not None:
+                d[k] = float32_decimal(d[k])
+        return _jsonable(d)
 
-    def to_gate_json(self) -> dict[str, Any]:
+    def to_gate_json(self, base: Path | None = None) -> dict[str, Any]:
+        """The gate file. ``base``: the folder gate.json goes to; trace paths are stored relative to it
+        (with a content hash), so a committed gate carries no local absolute paths."""
+        def where(p: str) -> str:
+            return relative_to(p, base) if base is not None else str(p)
+
+        def dec(x: Any) -> Any:
+            return float32_decimal(x) if isinstance(x, float) and math.isfinite(x) else x
+
+        provenance = json.loads(json.dumps(self.provenance, default=str))
+        config = provenance.get("config") or {}
+        if base is not None and config.get("out"):
+            config["out"] = where(config["out"])
         return _jsonable({
             "format": GATE_FORMAT,
             "version": GATE_VERSION,
-            "threshold": float(self.threshold),
+            "threshold": float32_decimal(self.threshold),
             "metric": METRIC,
             "rule": RULE,
             "method": self.method,
             "parameters": self.parameters,
             "calibration": {k: self.figures[k] for k in
-                            ("steps", "flips", "flips_covered", "recall", "triggered", "trigger_rate",
-                             "flips_missed", "per_batch_size")},
-            "alternatives": {"recall": self.recall_tau, "bound": self.bound_tau},
-            "fit": self.fit,
-            "transfer": self.transfer,
-            "traces": self.traces,
-            "provenance": self.provenance,
+                            ("steps", "flips", "flip_rate", "flip_rate_ci95", "flips_covered", "recall",
+                             "recall_ci95", "triggered", "trigger_rate", "trigger_rate_ci95", "flips_missed",
+                             "per_batch_size")},
+            "warnings": list(self.warnings),
+            "alternatives": {"recall": dec(self.recall_tau), "bound": dec(self.bound_tau)},
+            "fit": {k: dec(v) for k, v in self.fit.items()},
+            "transfer": [{**t, "traces": where(t["traces"])} for t in self.transfer],
+            "traces": [{"path": where(t), **traces_digest(Path(t))} for t in self.traces],
+            "provenance": provenance,
             "created": self.created,
             "mgaudit_version": __version__,
         })
@@ -158,6 +190,9 @@ def load_traces(paths: Sequence[Path], batch_sizes: Iterable[int] | None = None,
         table, prov = read_traces(Path(p))
         if table.num_rows == 0:
             raise TraceError(f"{p}: the trace files hold no rows", hint="the scan wrote nothing; rerun it")
+        if (prov.get("endpoint") or {}).get("tokens_only"):  # endpoint scans of servers without logprobs
+            raise TraceError(f"{p}: recorded with tokens only (no logprobs, so no margins): nothing to fit a gate on",
+                             hint="scan a server that returns logprobs")
         if provenance is None:
             provenance = prov
         else:
@@ -227,11 +262,15 @@ def _counts(margins: np.ndarray, flips: np.ndarray, tau: float) -> dict[str, Any
     return {
         "steps": steps,
         "flips": nflips,
+        "flip_rate": nflips / steps if steps else None,
+        "flip_rate_ci95": interval95(nflips, steps),
         "flips_covered": covered,
         "flips_missed": nflips - covered,
         "recall": covered / nflips if nflips else None,
+        "recall_ci95": interval95(covered, nflips),
         "triggered": triggered,
         "trigger_rate": triggered / steps if steps else None,
+        "trigger_rate_ci95": interval95(triggered, steps),
     }
 
 
@@ -294,7 +333,7 @@ def calibrate(config: CalibrateConfig) -> CalibrationResult:
     recall_tau = bound_tau = None
     if nflips:
         raw, edge = fit_recall(margins, flips, config.target_recall)
-        recall_tau = raw + config.safety
+        recall_tau = float32_up(raw + config.safety)
         fit.update(recall_fit=raw, recall_edge_margin=edge)
     elif config.method == "recall":
         raise TraceError(
@@ -304,6 +343,7 @@ def calibrate(config: CalibrateConfig) -> CalibrationResult:
     diff = table["max_abs_logit_diff"].to_numpy(zero_copy_only=False)
     try:
         bound_tau, b = fit_bound(np.asarray(diff, dtype=np.float64), config.bound_quantile, config.bound_factor)
+        bound_tau = float32_up(bound_tau)
         fit.update(bound_B=b)
     except ValueError:
         if config.method == "bound":
@@ -332,13 +372,14 @@ def calibrate(config: CalibrateConfig) -> CalibrationResult:
         provenance=provenance,
         parameters=config.parameters(),
         fit=fit,
+        warnings=[w for w in (few_flips_warning(figures["flips"], figures["flips_covered"]),) if w],
     )
     if config.plot is not None:
         from .plots import plot_calibration
 
         plot_calibration(result, table, Path(config.plot))
     if config.out is not None:
-        atomic_write_json(Path(config.out), result.to_gate_json())
+        atomic_write_json(Path(config.out), result.to_gate_json(base=Path(config.out).parent))
     return result
 
 
@@ -360,7 +401,7 @@ def load_gate(path: Path) -> dict[str, Any]:
     try:
         gate = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise GateError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", hint=hint) from None
+        raise GateError(f"{path}: not valid JSON ({json_error_text(exc)})", hint=hint) from None
     if not isinstance(gate, dict):
         raise GateError(f"{path}: a gate file holds a JSON object, not {type(gate).__name__}", hint=hint)
     if gate.get("format") != GATE_FORMAT:
@@ -378,11 +419,101 @@ def load_gate(path: Path) -> dict[str, Any]:
         raise GateError(f"{path}: threshold must be >= 0, not {tau}", hint=hint)
     if gate.get("metric", METRIC) != METRIC:
         raise GateError(f"{path}: unsupported metric {gate.get('metric')!r} (expected {METRIC!r})")
-    gate["threshold"] = float(tau)
+    gate["threshold"] = float32_value(tau)  # the gate compares float32 margins with a float32 tau
     return gate
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def float32_value(x: float) -> float:
+    """The float32 nearest ``x``, as a Python float (thresholds are float32 numbers, like margins)."""
+    return float(np.float32(x))
+
+
+def float32_text(x: float) -> str:
+    """The shortest decimal that reads back as the same float32: 0.31250003, 0.0625, 1e-45."""
+    f = np.float32(x)
+    if not np.isfinite(f):
+        return str(float(f))
+    if f == 0 or 1e-4 <= abs(f) < 1e16:
+        return np.format_float_positional(f, unique=True, trim="-")
+    return np.format_float_scientific(f, unique=True, trim="-").replace("e+", "e")
+
+
+def float32_decimal(x: float) -> float:
+    """``float(float32_text(x))``: the value JSON should carry so it prints as that short decimal."""
+    return float(float32_text(x))
+
+
+def float32_up(x: float) -> float:
+    """The smallest float32 >= ``x`` (a threshold rounded to float32 never loses coverage)."""
+    f = np.float32(x)
+    if float(f) < x:
+        f = np.nextafter(f, np.float32(np.inf))
+    return float(f)
+
+
+def interval95(k: int, n: int) -> list[float] | None:
+    """95 % interval of a proportion k/n: Wilson score, and the rule of three at 0 of n (and n of n).
+    None where n is 0."""
+    if n <= 0:
+        return None
+    if k == 0:
+        return [0.0, min(1.0, 3.0 / n)]
+    if k == n:
+        return [max(0.0, 1.0 - 3.0 / n), 1.0]
+    p, z2 = k / n, Z95 * Z95
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def _refuse_duplicates(paths: Sequence[Path], what: str) -> None:
+    """The same traces given twice would count their steps twice."""
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        path = Path(p)
+        try:
+            files = [f.resolve() for f in trace_files(path)] if path.exists() else [path.resolve()]
+        except TraceError:
+            files = [path.resolve()]
+        for f in files:
+            if f in seen:
+                same = "the same path" if seen[f].resolve() == path.resolve() else f"{seen[f]} holds it too"
+                raise UsageError(f"{what} {p} is given twice ({same}): its steps would be counted twice",
+                                 hint="give each trace directory once")
+            seen[f] = path
+
+
+def few_flips_warning(flips: int, covered: int) -> str | None:
+    """The warning for a fit on fewer than MIN_FLIPS flips, or None."""
+    if flips >= MIN_FLIPS:
+        return None
+    if flips == 0:
+        return (f"no flips in the calibration traces: tau is not checked against any flip; "
+                f"scan more prompts, tokens or batch sizes until there are at least {MIN_FLIPS}")
+    lo, hi = interval95(covered, flips)
+    return (f"only {flips} flips: recall {100.0 * covered / flips:.0f}% has a 95% interval of "
+            f"[{100 * lo:.0f}%, {100 * hi:.0f}%]; scan more prompts, tokens or batch sizes until there are "
+            f"at least {MIN_FLIPS} flips for a recall that means much")
+
+
+def relative_to(path: Path | str, base: Path) -> str:
+    """``path`` relative to the folder ``base`` (POSIX separators), as gate.json stores trace paths."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
+
+
+def traces_digest(path: Path) -> dict[str, Any]:
+    """Names and a content hash of a trace directory's files: which traces a gate came from."""
+    h = hashlib.sha256()
+    files = trace_files(Path(path))
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return {"files": len(files), "sha256": h.hexdigest()}
 
 
 def _finite(x: Any) -> bool:

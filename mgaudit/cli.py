@@ -3,8 +3,9 @@
 Each command module under ``mgaudit.commands`` parses options into a config
 dataclass, calls one library function and renders the result. Errors become
 messages at one boundary, :func:`mgaudit.commands.boundary.guarded`: an
-MgauditError is one line on stderr and its exit code (2 for bad input), with a
-traceback only under ``--debug`` or ``MGAUDIT_DEBUG=1``.
+MgauditError is one line on stderr and its exit code (2 for bad input), anything
+else exit code 3 (an internal error), with a traceback only under ``--debug`` or
+``MGAUDIT_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -14,31 +15,89 @@ import typer
 from . import __version__
 from .commands import register_all
 from .commands.boundary import set_debug
+from .commands.clihelp import MgauditGroup, apply_command_class
+
+#: Exit codes, as documented in ``--help`` and docs/ci.md.
+EXIT_CODES = (
+    ("0", "success (verify: every sequence identical to solo)"),
+    ("1", "verify: some sequences differ from solo"),
+    ("2", "bad input: a file, flag or model that cannot be used (one line on stderr)"),
+    ("3", "internal error: a bug in mgaudit (--debug shows the traceback)"),
+    ("130/143", "interrupted by SIGINT/SIGTERM"),
+)
+
+#: Every environment variable mgaudit reads.
+ENV_VARS = (
+    ("MGAUDIT_CACHE", "where the default model is cached (default ~/.cache/mgaudit)"),
+    ("MGAUDIT_DEBUG", "1: show tracebacks, like --debug"),
+    ("MGAUDIT_NO_PROBE_CACHE", "1: do not reuse the cached invariance probe of the ragged path"),
+    ("HF_HUB_OFFLINE", "1: never contact the Hugging Face Hub (hf: datasets and Hub models from the local cache only)"),
+    ("HF_DATASETS_OFFLINE", "1: the same, as the datasets library spells it"),
+    ("TRANSFORMERS_OFFLINE", "1: the same, as transformers spells it"),
+    ("HF_ENDPOINT", "the Hub address checked before Hub downloads (default https://huggingface.co)"),
+    ("HF_HOME", "the Hugging Face cache that Hub models and hf: datasets are read from"),
+    ("TRANSFORMERS_SDPA_FORCE_GQA", "1: the ragged path uses SDPA's GQA mode"),
+    ("TQDM_DISABLE", "saved and restored: mgaudit sets it while converting a GGUF file"),
+)
+
+
+def _epilog() -> str:
+    codes = "; ".join(f"{c} {what}" for c, what in EXIT_CODES)
+    env = "; ".join(f"{name}: {what}" for name, what in ENV_VARS)
+    return f"Exit codes: {codes}.\n\nEnvironment: {env}."
+
 
 app = typer.Typer(
     name="mgaudit",
+    cls=MgauditGroup,
     help="Audit batch-dependent nondeterminism in greedy LLM decoding: scan, calibrate, verify.",
+    epilog=_epilog(),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
 
 
+def version_text() -> str:
+    """mgaudit, torch and transformers versions, the device ``--device auto`` picks, and the CPU model."""
+    import platform
+
+    import torch
+    import transformers
+
+    from .models import cpu_model
+
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))"
+    return "\n".join([
+        f"mgaudit {__version__}",
+        f"torch {torch.__version__}",
+        f"transformers {transformers.__version__}",
+        f"python {platform.python_version()}",
+        f"device {device}",
+        f"cpu {cpu_model()}",
+    ])
+
+
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"mgaudit {__version__}")
+        typer.echo(version_text())
         raise typer.Exit()
 
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors (or set MGAUDIT_DEBUG=1)."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", metavar="", help="Show tracebacks on errors (or set MGAUDIT_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", "-V", metavar="", callback=_version, is_eager=True,
+                                 help="Print the versions of mgaudit, torch and transformers, the device and CPU."),
 ) -> None:
     set_debug(debug)
 
 
 register_all(app)
+apply_command_class(app)
 
 
 def run() -> None:  # console script

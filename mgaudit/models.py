@@ -10,6 +10,7 @@ seconds. The cache lives in ``$MGAUDIT_CACHE`` (default ``~/.cache/mgaudit``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError, UsageError
+from .errors import HubModelUnavailableError, ModelError, UsageError
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_MODEL_ALIASES = {"smollm2", "default", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -158,6 +159,39 @@ def device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
     return platform.processor() or platform.machine()
+
+
+def model_context(model: Any) -> int | None:
+    """The longest sequence (prompt + generated tokens) the model's positions cover, or None if unknown."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), its core count, and the ISA extensions
+    that decide which bf16 kernels run (AVX512-BF16, AMX)."""
+    import platform
+
+    name, flags = None, set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name is None:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+                if name and flags:
+                    break
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine() or "unknown"
+    isa = [label for flag, label in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16")) if flag in flags]
+    return f"{name}, {os.cpu_count()} cores" + (f", {' '.join(isa)}" if isa else "")
 
 
 # --------------------------------------------------------------------------- default model
@@ -351,12 +385,21 @@ def _load_dir(path: Path, torch_dtype, attn_implementation):
 def _load_hub(repo_id: str, torch_dtype, attn_implementation):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from . import hub
+
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    why = hub.unavailable()  # offline, or no answer: the local cache only (seconds, not retries)
+    if why:
+        kwargs["local_files_only"] = True
     try:
-        with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(repo_id)
+        with _quiet_transformers(), (hub.local_only() if why else contextlib.nullcontext()):
+            tokenizer = AutoTokenizer.from_pretrained(repo_id, **({"local_files_only": True} if why else {}))
             model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch_dtype, **kwargs)
     except Exception as exc:  # hub errors come in many types
+        if why:
+            raise HubModelUnavailableError(
+                f"model {repo_id!r} is not a local path, {why}, and it is not in the local Hugging Face cache",
+                what=repo_id, offline=hub.offline_requested() is not None) from exc
         raise ModelError(
             f"model {repo_id!r} is neither a local path nor loadable from the Hugging Face Hub "
             f"({exc.__class__.__name__})",

@@ -14,6 +14,7 @@ names the file (and line or field) and says what to do.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import PromptError, UsageError
+from .errors import ContextLengthError, HubDatasetUnavailableError, PromptError, UsageError, json_error_text
 
 #: File endings ``load_prompts`` reads, longest first so ``.jsonl.gz`` wins over ``.gz``.
 ACCEPTED_EXTENSIONS = (".jsonl.gz", ".jsonl", ".json", ".parquet", ".csv", ".txt")
@@ -125,6 +126,30 @@ def prompts_sha256(prompts: Iterable[Prompt]) -> str:
     canon = [{"id": p.id, "text": p.text, "messages": p.messages} for p in prompts]
     blob = json.dumps(canon, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def fit_context(ids: list[str], lengths: list[int], max_new_tokens: int, context: int | None,
+                skip: bool = False) -> list[int]:
+    """Indices of the prompts whose ``length + max_new_tokens`` fits ``context`` tokens.
+
+    A prompt that does not fit is a :class:`ContextLengthError` (naming the first such
+    prompt and its length) unless ``skip``; with ``skip`` the rest is returned, and an
+    error only if nothing is left. ``context=None`` (unknown) keeps everything.
+    """
+    if context is None:
+        return list(range(len(lengths)))
+    kept = [i for i, n in enumerate(lengths) if n + max_new_tokens <= context]
+    if len(kept) == len(lengths) or (skip and kept):
+        return kept
+    bad = next(i for i, n in enumerate(lengths) if n + max_new_tokens > context)
+    too_long = len(lengths) - len(kept)
+    others = f" ({too_long} of {len(lengths)} prompts do not fit)" if too_long > 1 else ""
+    every = "every prompt is too long: " if skip else ""
+    raise ContextLengthError(
+        f"{every}prompt {ids[bad]} is {lengths[bad]} tokens; with {max_new_tokens} new tokens it needs "
+        f"{lengths[bad] + max_new_tokens}, more than the model's context of {context} tokens{others}",
+        prompt_id=ids[bad], prompt_tokens=lengths[bad], max_new_tokens=max_new_tokens, context=context,
+        too_long=too_long, hint="shorten the prompt or generate fewer tokens")
 
 
 def encode_prompt(tokenizer: Any, prompt: Prompt, chat: bool = True) -> list[int]:
@@ -261,7 +286,7 @@ def _load_jsonl(path: Path, set_name: str, gz: bool) -> list[Prompt]:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PromptError(
-                f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                f"{where}: malformed JSON ({json_error_text(exc, with_line=False)}); "
                 "each line must be one JSON object"
             ) from exc
         prompts.append(_record(rec, where, set_name, len(prompts)))
@@ -273,7 +298,7 @@ def _load_json(path: Path, set_name: str) -> list[Prompt]:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise PromptError(
-            f"{path}: line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
+            f"{path}: line {exc.lineno}: malformed JSON ({json_error_text(exc, with_line=False)})"
         ) from exc
     if isinstance(data, dict) and isinstance(data.get("prompts"), list):
         data = data["prompts"]
@@ -340,7 +365,7 @@ def _json_field(value: str, where: str) -> Any:
     try:
         return json.loads(value)
     except json.JSONDecodeError as exc:
-        raise PromptError(f"{where}: field 'messages' is not valid JSON ({exc.msg})") from exc
+        raise PromptError(f"{where}: field 'messages' is not valid JSON ({json_error_text(exc, with_line=False)})") from exc
 
 
 def _record(rec: Any, where: str, set_name: str, index: int) -> Prompt:
@@ -453,16 +478,25 @@ def _load_hf(spec: str, limit: int | None) -> tuple[str, list[Prompt]]:
     except ImportError as exc:
         raise PromptError(f"cannot load hf dataset {dataset}: the datasets package is missing (pip install datasets)") from exc
 
+    from . import hub
+
     ds = None
     tried = [split] if split else ["test", "train"]
     last: BaseException | None = None
-    for sp in tried:
-        try:
-            ds = datasets.load_dataset(dataset, split=sp)
-            split = sp
-            break
-        except Exception as exc:  # network, missing split, bad name: all reported alike
-            last = exc
+    why = hub.unavailable()  # offline, or no answer: read the local cache only (seconds, not retries)
+    with hub.local_only() if why else contextlib.nullcontext():
+        for sp in tried:
+            try:
+                ds = datasets.load_dataset(dataset, split=sp)
+                split = sp
+                break
+            except Exception as exc:  # network, missing split, bad name: all reported alike
+                last = exc
+    if ds is None and why:
+        raise HubDatasetUnavailableError(
+            f"cannot load hf dataset {dataset}: {why}, and it is not in the local Hugging Face cache"
+            + (f" ({_reason(last)})" if last else ""),
+            what=f"hf:{dataset}", offline=hub.offline_requested() is not None)
     if ds is None:
         raise PromptError(
             f"cannot load hf dataset {dataset} (split {'/'.join(tried)}): {_reason(last) if last else 'unknown error'}"

@@ -1,21 +1,43 @@
 """Ragged attention: each row of a batched decode step attends over its own,
 unpadded K/V, exactly as it would alone.
 
-The batch shares one left-padded cache (row ``b`` is valid from ``starts[b]``).
+The batch shares one left-padded cache (row ``b`` is valid from column ``starts[b]``).
 During a ragged step the model runs with the attention implementation
 ``mgaudit_ragged``: the projections, norms and MLP stay batched GEMMs, and the
-attention of each row calls the model's own attention function (sdpa, eager,
-...) on that row's valid slice with no mask, which is what the solo run computes.
-No padding mask ever enters the computation, so no row is perturbed by the
-others' padding. The switch is a context manager that restores the model's
-implementation in ``finally``.
+attention of each row calls the model's own attention function (sdpa, or the
+model's own eager function, softcapping and sinks included) on the slice of K/V
+that the row would see alone, with the mask that the solo run passes. No padding
+mask ever enters the computation, so no row is perturbed by the others' padding.
+
+What a row "sees alone" (transformers 5 conventions, checked against its code):
+
+* a full-attention layer: every column of the row, ``[starts[b], T)``;
+* a sliding-window layer (window ``W``): ``kv > q - W``, i.e. the last ``W`` columns
+  including the new one, ``[max(starts[b], T - W), T)``. A solo run's
+  ``DynamicSlidingWindowLayer`` keeps ``W - 1`` columns and attends over those and the
+  new one, so its K/V tensor is exactly this slice;
+* the mask: a solo decode step's sdpa mask is skipped (``None``) except on a sliding
+  layer whose visible length has reached ``W``, where transformers passes an all-true
+  boolean mask (which changes sdpa's GQA path); eager gets a float mask of zeros.
+  The row's mask is made by transformers' own mask function for the base
+  implementation with the solo run's sizes, so both cases match bit for bit.
+
+Mixture-of-experts blocks run one row at a time inside a ragged step (a solo decode
+step routes one token, and every expert GEMM then has one row), so routing and
+expert GEMMs are batch-invariant by construction.
+
+The switch is a context manager that restores the model's implementation (and any
+MoE forward it replaced) in ``finally``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Sequence
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -23,14 +45,55 @@ RAGGED = "mgaudit_ragged"
 _rows: contextvars.ContextVar = contextvars.ContextVar("mgaudit_ragged_rows", default=None)
 
 
+@dataclass
+class _State:
+    starts: list[int]
+    base_name: str
+    base: Any  # the attention function (None for eager: resolved per module)
+    windows: list[int | None]  # per layer
+    config: Any
+    cache: Any = None
+    masks: dict = field(default_factory=dict)
+
+
 def _attention_fn(name: str):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if name == "eager":
-        from transformers.models.llama.modeling_llama import eager_attention_forward
-
-        return ALL_ATTENTION_FUNCTIONS.get(name, eager_attention_forward) if name in ALL_ATTENTION_FUNCTIONS else eager_attention_forward
+        return None  # the model's own eager function, looked up per attention module
     return ALL_ATTENTION_FUNCTIONS[name]
+
+
+_eager_fns: dict[type, Any] = {}
+
+
+def _eager_fn(module):
+    """The ``eager_attention_forward`` of the module's own modeling file (Gemma's has softcapping,
+    gpt-oss's sinks); Llama's for a module whose file has none."""
+    cls = type(module)
+    fn = _eager_fns.get(cls)
+    if fn is None:
+        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if fn is None:
+            from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+        _eager_fns[cls] = fn
+    return fn
+
+
+_windows_cache: "weakref.WeakKeyDictionary[Any, list]" = weakref.WeakKeyDictionary()
+
+
+def layer_windows(model) -> list[int | None]:
+    """Per decoder layer: its sliding window (None for full attention), read from the cache
+    layers transformers builds for the model (what a solo run uses)."""
+    found = _windows_cache.get(model)
+    if found is None:
+        from .cache_ops import cache_layers, layer_window
+        from .engine import new_cache
+
+        found = [layer_window(layer) for layer in cache_layers(new_cache(model))]
+        _windows_cache[model] = found
+    return found
 
 
 def _direct_sdpa_ok(base, module, key) -> bool:
@@ -49,29 +112,87 @@ def _direct_sdpa_ok(base, module, key) -> bool:
     return groups == 1 or hf_sdpa.use_gqa_in_sdpa(None, key, key)
 
 
+def _solo_mask(state: _State, length: int, window: int | None, dtype, device):
+    """The mask a solo decode step passes to the attention of a layer whose visible K/V has
+    ``length`` columns: transformers' own mask function for the base implementation."""
+    key = (length, window, dtype, str(device))
+    if key in state.masks:
+        return state.masks[key]
+    from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function,
+                                            sliding_window_causal_mask_function)
+
+    mask = None
+    if state.base_name in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        fn = ALL_MASK_ATTENTION_FUNCTIONS[state.base_name]
+        mask = fn(batch_size=1, q_length=1, kv_length=length, q_offset=length - 1, kv_offset=0,
+                  mask_function=sliding_window_causal_mask_function(window) if window else causal_mask_function,
+                  attention_mask=None, allow_is_causal_skip=True, local_size=window, dtype=dtype,
+                  config=state.config, use_vmap=False, device=device)
+    state.masks[key] = mask
+    return mask
+
+
+def _layer_offset(state: _State, layer_idx: int | None, key_len: int) -> tuple[int, int]:
+    """(T, offset): the absolute column count after this step's update, and the absolute column
+    of ``key[..., 0, :]``. Without a cache, the key holds every column (pad_cache_left's cache)."""
+    if state.cache is None or layer_idx is None:
+        return key_len, 0
+    from .cache_ops import cache_layers, layer_span
+
+    _, end = layer_span(cache_layers(state.cache)[layer_idx])
+    return end, end - key_len
+
+
+def _layer_window(state: _State, layer_idx: int | None, passed: int | None) -> int | None:
+    """The sliding window of the layer being run (None: full attention), from its cache layer type;
+    the window the model passes to its attention function must agree."""
+    windows = state.windows
+    if layer_idx is not None and layer_idx < len(windows):
+        window = windows[layer_idx]
+    elif len(set(windows)) <= 1:
+        window = windows[0] if windows else None
+    else:
+        raise RuntimeError("ragged attention: cannot tell which layer (and window) this attention module is")
+    if passed is not None and passed != window:
+        raise RuntimeError(f"ragged attention: layer {layer_idx} is called with sliding_window={passed} "
+                           f"but its cache layer has window {window}")
+    return window
+
+
 def ragged_attention(module, query, key, value, attention_mask, **kwargs):
     state = _rows.get()
     if state is None:
         raise RuntimeError("mgaudit_ragged attention used outside a ragged_step() block")
-    starts, base = state
     if query.shape[2] != 1:
         raise RuntimeError("ragged attention is for single-token decode steps")
+    if kwargs.get("position_bias") is not None:
+        raise RuntimeError("ragged attention does not handle a position bias")
+    layer_idx = getattr(module, "layer_idx", None)
+    window = _layer_window(state, layer_idx, kwargs.get("sliding_window"))
+    total, offset = _layer_offset(state, layer_idx, key.shape[2])
+    base = state.base if state.base is not None else _eager_fn(module)
+    direct = (_direct_sdpa_ok(base, module, key) and not kwargs.get("dropout")
+              and kwargs.get("softcap") is None and kwargs.get("s_aux") is None)
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
     outs = []
-    if _direct_sdpa_ok(base, module, key) and not kwargs.get("dropout") and kwargs.get("softcap") is None:
-        gqa = getattr(module, "num_key_value_groups", 1) > 1
-        scale = kwargs.get("scaling")
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        for b, s in enumerate(starts):
-            o = sdpa(query[b:b + 1], key[b:b + 1, :, s:], value[b:b + 1, :, s:], attn_mask=None, dropout_p=0.0,
-                     scale=scale, is_causal=False, enable_gqa=gqa)
-            outs.append(o)
-        return torch.cat(outs, dim=0).transpose(1, 2).contiguous(), None
-    for b, s in enumerate(starts):
-        k = key[b:b + 1, :, s:, :].contiguous()
-        v = value[b:b + 1, :, s:, :].contiguous()
-        o, _ = base(module, query[b:b + 1], k, v, None, **kwargs)
+    for b, s in enumerate(state.starts):
+        first = s if window is None else max(s, total - window)
+        lo = first - offset
+        if lo < 0 or first >= total:
+            raise RuntimeError(f"ragged attention: layer {layer_idx} holds no column {first} for row {b} "
+                               f"(pass the batch cache to ragged_step, or build it with cache_ops.pad_cache_left)")
+        mask = _solo_mask(state, total - first, window, query.dtype, query.device)
+        if direct and mask is None:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                query[b:b + 1], key[b:b + 1, :, lo:], value[b:b + 1, :, lo:], attn_mask=None, dropout_p=0.0,
+                scale=kwargs.get("scaling"), is_causal=False, enable_gqa=gqa)
+            outs.append(o.transpose(1, 2))
+            continue
+        k = key[b:b + 1, :, lo:, :].contiguous()
+        v = value[b:b + 1, :, lo:, :].contiguous()
+        o, _ = base(module, query[b:b + 1], k, v, mask, **kwargs)
         outs.append(o)
-    return torch.cat(outs, dim=0), None
+    return torch.cat(outs, dim=0).contiguous(), None
 
 
 def _register() -> None:
@@ -80,18 +201,67 @@ def _register() -> None:
     AttentionInterface.register(RAGGED, ragged_attention)
 
 
+# --------------------------------------------------------------------------- mixture of experts
+
+_moe_cache: "weakref.WeakKeyDictionary[Any, list]" = weakref.WeakKeyDictionary()
+
+
+def moe_blocks(model) -> list[torch.nn.Module]:
+    """The sparse mixture-of-experts blocks of a model: modules with an ``experts`` child and a
+    router (``gate`` or ``router``) child, the layout of Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss...)."""
+    found = _moe_cache.get(model)
+    if found is None:
+        found = []
+        for module in model.modules():
+            children = dict(module.named_children())
+            if "experts" in children and ("gate" in children or "router" in children):
+                found.append(module)
+        _moe_cache[model] = found
+    return found
+
+
+def _one_row_at_a_time(module, forward):
+
+    def per_row(hidden_states, *args, **kwargs):
+        if hidden_states.shape[0] <= 1:
+            return forward(hidden_states, *args, **kwargs)
+        outs = [forward(hidden_states[b:b + 1], *args, **kwargs) for b in range(hidden_states.shape[0])]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat([o[i] for o in outs], dim=0) if torch.is_tensor(outs[0][i]) else outs[0][i]
+                         for i in range(len(outs[0])))
+        return torch.cat(outs, dim=0)
+
+    return per_row
+
+
 @contextlib.contextmanager
-def ragged_step(model, starts: Sequence[int]) -> Iterator[None]:
-    """Run the model's forward passes in this block with ragged attention."""
+def ragged_step(model, starts: Sequence[int], cache=None) -> Iterator[None]:
+    """Run the model's forward passes in this block with ragged attention.
+
+    ``cache`` (optional): the batch cache the forward runs on. Without it, every layer's
+    K/V must hold all columns (as :func:`mgaudit.cache_ops.pad_cache_left` builds them);
+    with it, caches whose sliding layers keep only their window work too.
+    """
     _register()
     config = model.config
     base_name = config._attn_implementation
     if base_name == RAGGED:
         raise RuntimeError("nested ragged_step")
-    token = _rows.set((list(starts), _attention_fn(base_name)))
+    state = _State(list(starts), base_name, _attention_fn(base_name), layer_windows(model), config, cache)
+    token = _rows.set(state)
     config._attn_implementation = RAGGED
+    patched: list[tuple[torch.nn.Module, Any]] = []
     try:
+        for module in moe_blocks(model):
+            previous = vars(module).get("forward")
+            patched.append((module, previous))
+            module.forward = _one_row_at_a_time(module, previous or type(module).forward.__get__(module))
         yield
     finally:
+        for module, previous in reversed(patched):
+            if previous is None:
+                vars(module).pop("forward", None)
+            else:
+                module.forward = previous
         config._attn_implementation = base_name
         _rows.reset(token)

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import OutputError, UsageError
-from .traces import atomic_write_json, atomic_write_table, rows_to_table, trace_files
+from .progress import Stage, as_callback
+from .traces import (atomic_write_json, atomic_write_table, check_output_dir, is_mgaudit_trace, rows_to_table,
+                     stale_temp_files, trace_files)
 
 SOLO_CHUNK = 8
 MANIFEST = "_scan.json"
@@ -49,6 +51,7 @@ class ScanConfig:
     attn_implementation: str | None = None
     resume: bool = False
     overwrite: bool = False
+    skip_long: bool = False  # skip prompts that do not fit the context (else: ContextLengthError)
 
     def validate(self) -> None:
         if not self.batch_sizes:
@@ -114,44 +117,98 @@ def _fingerprint(config: ScanConfig, prompt_sha: str, model_prov: dict[str, Any]
         "chat": config.chat,
         "limit": config.limit,
         "modes": sorted(config.modes),
+        "skip_long": config.skip_long,
     }
 
 
-def _prepare_out(config: ScanConfig) -> None:
+#: Fingerprint entries added after the first release, with the value older manifests imply.
+FINGERPRINT_DEFAULTS = {"skip_long": False}
+
+
+def _check_out(config: ScanConfig) -> None:
+    """Check --out before any model work, changing nothing: a writable directory (or one that can be
+    created), no Parquet files there that mgaudit did not write, and no earlier scan unless resuming
+    or overwriting."""
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out}: exists and is not a directory", hint="give a directory path")
+    check_output_dir(out, "--out")
+    if not out.is_dir():
+        return
+    parquet = trace_files(out)
+    foreign = [f for f in parquet if not (f.name.startswith("trace-") and is_mgaudit_trace(f))]
+    if foreign:
+        names = ", ".join(f.name for f in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"{out} holds {len(foreign)} Parquet file(s) that mgaudit did not write ({names}); "
+                          "they would be read as traces and are never deleted",
+                          hint="move them elsewhere or choose another directory for the traces")
+    if parquet and not (config.resume or config.overwrite):
+        raise OutputError(f"--out {out} already holds {len(parquet)} trace file(s)",
+                          hint="pass --resume to continue that scan or --overwrite to start over")
+
+
+def _prepare_out(config: ScanConfig, log: Callable[[str], None]) -> None:
+    """Create --out (only once the inputs and the model are known good), drop temp files an
+    interrupted write left, and under overwrite remove what an earlier scan wrote: trace files
+    that carry mgaudit's provenance, _scan.json and _summary.json. Nothing else is touched."""
+    out = Path(config.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".mgaudit-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as exc:
-        raise OutputError(f"--out {out}: not writable ({exc.strerror or exc})", hint="choose a writable directory") from exc
-    existing = trace_files(out)
-    if existing and not (config.resume or config.overwrite):
-        raise OutputError(f"--out {out} already holds {len(existing)} trace file(s)",
-                          hint="pass --resume to continue that scan or --overwrite to start over")
-    if existing and config.overwrite:
-        for f in existing:
+        raise OutputError(f"--out {out}: cannot create it ({exc.strerror or exc})",
+                          hint="choose a writable directory") from exc
+    stale = stale_temp_files(out)
+    for f in stale:
+        f.unlink()
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) an interrupted write left in {out}")
+    if config.overwrite:
+        ours = [f for f in trace_files(out) if f.name.startswith("trace-") and is_mgaudit_trace(f)]
+        for f in ours:
             f.unlink()
         for name in (MANIFEST, SUMMARY):
             if (out / name).exists():
                 (out / name).unlink()
 
 
-def _check_manifest(out: Path, fingerprint: dict[str, Any]) -> None:
+def _read_manifest(out: Path) -> dict[str, Any] | None:
     path = out / MANIFEST
     if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise OutputError(f"{path}: unreadable ({exc.__class__.__name__})",
+                          hint="start over with --overwrite or use another --out") from exc
+
+
+def _check_manifest(out: Path, fingerprint: dict[str, Any]) -> list[int]:
+    """Refuse to resume a scan made with other options; return the batch sizes it recorded."""
+    manifest = _read_manifest(out)
+    if manifest is None:
         if trace_files(out):
             raise OutputError(f"{out}: trace files without {MANIFEST}; cannot check they belong to this scan",
                               hint="use --overwrite or another --out")
-        return
-    old = json.loads(path.read_text()).get("fingerprint", {})
-    changed = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+        return []
+    old = manifest.get("fingerprint", {})
+    changed = [k for k in fingerprint if old.get(k, FINGERPRINT_DEFAULTS.get(k)) != fingerprint[k]]
     if changed:
-        raise OutputError(f"--resume: {out} was scanned with different {', '.join(changed)}",
+        what = "; ".join(f"{k} was {old.get(k, FINGERPRINT_DEFAULTS.get(k))!r}, now {fingerprint[k]!r}"
+                         for k in changed)
+        raise OutputError(f"--resume: {out} was scanned with different {', '.join(changed)} ({what})",
                           hint="resume with the same options, or use --overwrite / another --out")
+    sizes = manifest.get("batch_sizes")
+    if sizes is None:  # older manifests: the sizes asked for
+        sizes = (manifest.get("provenance") or {}).get("config", {}).get("batch_sizes") or []
+    return sorted(int(b) for b in sizes)
+
+
+def cap_batch_sizes(sizes: list[int], n: int) -> tuple[list[int], list[int]]:
+    """Batch sizes for ``n`` prompts: sizes above ``n`` become ``n`` (a batch would otherwise repeat
+    the same prompts). Returns (sizes to run, sizes that were capped)."""
+    if n < 2:
+        raise UsageError(f"{n} prompt(s): batched replays need at least 2 prompts",
+                         hint="give a prompt set with at least 2 prompts")
+    capped = [b for b in sizes if b > n]
+    return sorted({min(b, n) for b in sizes}), capped
 
 
 def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = None, loaded=None) -> ScanResult:
@@ -160,41 +217,61 @@ def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = 
 
     from . import __version__
     from .engine import padded_decode, solo_decode
-    from .models import load_model
-    from .prompts import encode_prompt, load_prompts
+    from .models import load_model, model_context
+    from .prompts import encode_prompt, fit_context, load_prompts
+    from .resources import check_fits
     from .summary import summarize
     from .traces import read_traces
 
     log = log or (lambda msg: None)
+    report = as_callback(progress)
     config.validate()
     t0 = time.perf_counter()
     prompt_set = load_prompts(config.prompts, limit=config.limit)
-    _prepare_out(config)
+    _check_out(config)  # every output check before any model work; nothing is created yet
     out = Path(config.out)
     torch.manual_seed(config.seed)
     lm = loaded or load_model(config.model, config.dtype, config.device, config.attn_implementation, log=log)
+    encoded_all = [encode_prompt(lm.tokenizer, p, chat=config.chat) for p in prompt_set.prompts]
+    kept = fit_context([p.id for p in prompt_set.prompts], [len(e) for e in encoded_all], config.max_new_tokens,
+                       model_context(lm.model), skip=config.skip_long)
+    if len(kept) < len(encoded_all):
+        log(f"skipped {len(encoded_all) - len(kept)} of {len(encoded_all)} prompts that do not fit the "
+            f"model's context of {model_context(lm.model)} tokens with {config.max_new_tokens} new tokens")
+    prompts = [prompt_set.prompts[i] for i in kept]
+    encoded = [encoded_all[i] for i in kept]
+    n = len(prompts)
     model_prov = lm.provenance()
     fingerprint = _fingerprint(config, prompt_set.sha256, model_prov)
-    if config.resume:
-        _check_manifest(out, fingerprint)
+    earlier = _check_manifest(out, fingerprint) if config.resume else []
+    sizes, capped = cap_batch_sizes(config.batch_sizes, n)
+    if capped:
+        log(f"batch size(s) {', '.join(map(str, capped))} exceed the {n} prompts: capped to {n}")
+    if earlier and set(earlier) != set(sizes):
+        log(f"resuming with batch sizes {', '.join(map(str, sizes))}; the scan already has "
+            f"{', '.join(map(str, earlier))}: it now covers {', '.join(map(str, sorted(set(earlier) | set(sizes))))}")
+    sizes = sorted(set(earlier) | set(sizes))
+    check_fits(lm, max(sizes), max(len(e) for e in encoded), config.max_new_tokens,
+               kept_logits_rows=n * config.max_new_tokens)
+    _prepare_out(config, log)
     provenance = {
         **model_prov,
         "prompts": {"source": prompt_set.source, "name": prompt_set.name, "sha256": prompt_set.sha256,
-                    "count": len(prompt_set.prompts)},
+                    "count": len(prompt_set.prompts), "skipped_too_long": [prompt_set.prompts[i].id for i in
+                                                                         range(len(encoded_all)) if i not in kept]},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "batch_sizes": sizes,
         "mgaudit_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write_json(out / MANIFEST, {"fingerprint": fingerprint, "provenance": provenance})
+    atomic_write_json(out / MANIFEST, {"fingerprint": fingerprint, "batch_sizes": sizes, "provenance": provenance})
 
-    prompts = prompt_set.prompts
-    encoded = [encode_prompt(lm.tokenizer, p, chat=config.chat) for p in prompts]
-    n = len(prompts)
+    index = kept  # prompt_index in the traces: the position in the prompt set as given
     eos, pad = lm.eos_token_ids, lm.pad_token_id
     plan = []  # (path, kind, payload)
     for c in range(0, n, SOLO_CHUNK):
         plan.append((out / f"trace-solo-{c // SOLO_CHUNK:04d}.parquet", "solo", list(range(c, min(n, c + SOLO_CHUNK)))))
-    for b in config.batch_sizes:
+    for b in sizes:
         for g, (members, owned) in enumerate(batch_groups(n, b, config.seed)):
             plan.append((out / f"trace-b{b:04d}-g{g:04d}.parquet", "batch", (b, g, members, owned)))
     todo = [p for p in plan if not p[0].exists()]
@@ -205,25 +282,23 @@ def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = 
     needed = sorted({i for _, kind, pay in todo for i in (pay if kind == "solo" else pay[2])})
     solos: dict[int, Any] = {}
     written = 0
-    task_solo = progress.add_task("solo reference", total=len(needed)) if progress and needed else None
+    stage = Stage(report, "solo", "solo reference", len(needed), unit="prompts")
     for i in needed:
         solos[i] = solo_decode(lm.model, encoded[i], config.max_new_tokens, eos, keep_logits=True)
-        if progress and task_solo is not None:
-            progress.advance(task_solo)
+        stage.advance()
     for path, kind, payload in todo:
         if kind != "solo":
             continue
         rows = []
         for i in payload:
-            rows.extend(_solo_rows(prompts[i].id, i, len(encoded[i]), solos[i]))
+            rows.extend(_solo_rows(prompts[i].id, index[i], len(encoded[i]), solos[i]))
         atomic_write_table(path, rows_to_table(rows, provenance))
         written += 1
 
     batch_units = [p for p in todo if p[1] == "batch"]
-    task_b = progress.add_task("batched replays", total=len(batch_units)) if progress and batch_units else None
+    stage = Stage(report, "batched", "batched replays", len(batch_units), unit="batches")
     for path, _, (b, g, members, owned) in batch_units:
-        if progress and task_b is not None:
-            progress.update(task_b, description=f"batched replays (B={b})")
+        stage.relabel(f"batched replays (B={b})")
         batch_ids = [encoded[i] for i in members]
         refs = [solos[i] for i in members]
         width = max(len(x) for x in batch_ids)
@@ -233,18 +308,17 @@ def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = 
                                  forced=[r.tokens for r in refs], reference=refs)
             for row in range(owned):
                 i = members[row]
-                rows.extend(_pair_rows("sync", prompts[i].id, i, b, g, row, width - len(batch_ids[row]),
+                rows.extend(_pair_rows("sync", prompts[i].id, index[i], b, g, row, width - len(batch_ids[row]),
                                        len(batch_ids[row]), refs[row], sync[row]))
         if "free" in config.modes:
             free = padded_decode(lm.model, batch_ids, config.max_new_tokens, eos, pad, reference=refs)
             for row in range(owned):
                 i = members[row]
-                rows.extend(_pair_rows("free", prompts[i].id, i, b, g, row, width - len(batch_ids[row]),
+                rows.extend(_pair_rows("free", prompts[i].id, index[i], b, g, row, width - len(batch_ids[row]),
                                        len(batch_ids[row]), refs[row], free[row]))
         atomic_write_table(path, rows_to_table(rows, provenance))
         written += 1
-        if progress and task_b is not None:
-            progress.advance(task_b)
+        stage.advance()
 
     table, _ = read_traces(out)
     summary = summarize(table)
@@ -268,7 +342,7 @@ def _solo_rows(pid: str, index: int, plen: int, r) -> list[dict[str, Any]]:
             "solo_runner_up": r.runner_up[t], "batched_runner_up": r.runner_up[t],
             "solo_top1_logit": r.top1[t], "solo_top2_logit": r.top2[t],
             "batched_top1_logit": r.top1[t], "batched_top2_logit": r.top2[t],
-            "solo_margin": m, "batched_margin": m, "flip": False, "prefix_match": True,
+            "solo_margin": m, "batched_margin": m, "flip": False, "prefix_match": True, "first_divergence": False,
             "max_abs_logit_diff": None,
         })
     return rows
@@ -288,6 +362,7 @@ def _pair_rows(mode, pid, index, bsz, group, row, pad_len, plen, solo, batched) 
         bt = batched.tokens[t] if b_ok else -1
         s1, s2 = (solo.top1[t], solo.top2[t]) if s_ok else (NAN, NAN)
         b1, b2 = (batched.top1[t], batched.top2[t]) if b_ok else (NAN, NAN)
+        flip, matched = st != bt, prefix and s_ok and b_ok
         rows.append({
             "prompt_id": pid, "prompt_index": index, "batch_size": bsz, "mode": mode, "batch_index": group,
             "row": row, "pad_len": pad_len, "prompt_len": plen, "step": t,
@@ -295,8 +370,8 @@ def _pair_rows(mode, pid, index, bsz, group, row, pad_len, plen, solo, batched) 
             "solo_runner_up": solo.runner_up[t] if s_ok else -1,
             "batched_runner_up": batched.runner_up[t] if b_ok else -1,
             "solo_top1_logit": s1, "solo_top2_logit": s2, "batched_top1_logit": b1, "batched_top2_logit": b2,
-            "solo_margin": s1 - s2, "batched_margin": b1 - b2, "flip": st != bt,
-            "prefix_match": prefix and s_ok and b_ok,
+            "solo_margin": s1 - s2, "batched_margin": b1 - b2, "flip": flip,
+            "prefix_match": matched, "first_divergence": flip and matched,
             "max_abs_logit_diff": batched.max_abs_diff[t] if (b_ok and prefix) else None,
         })
         if mode != "sync":  # teacher forcing keeps the prefixes equal

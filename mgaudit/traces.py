@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from .errors import OutputError, TraceError
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: the first_divergence column
 PROVENANCE_KEY = b"mgaudit.provenance"
 SCHEMA_VERSION_KEY = b"mgaudit.schema_version"
 
@@ -52,13 +53,24 @@ TRACE_FIELDS: list[pa.Field] = [
     pa.field("flip", pa.bool_(), nullable=False),
     # True while every earlier token of the row matched solo (always True in sync).
     pa.field("prefix_match", pa.bool_(), nullable=False),
+    # flip AND prefix_match: a flip whose prefix still matched solo. In sync rows it
+    # equals flip; in free rows it is True only at the step where the sequences part
+    # (flip stays True after that wherever the tokens differ). SUM(first_divergence)
+    # counts divergence events in both modes.
+    pa.field("first_divergence", pa.bool_(), nullable=False),
     # max |solo logit - batched logit| over the vocabulary; null where the two
     # runs saw different prefixes (free mode after a divergence) or in solo rows.
     pa.field("max_abs_logit_diff", pa.float32(), nullable=True),
 ]
 TRACE_SCHEMA = pa.schema(TRACE_FIELDS)
 TRACE_COLUMNS = [f.name for f in TRACE_FIELDS]
+#: Columns that schema version 1 lacked; reading derives them.
+DERIVED_COLUMNS = ("first_divergence",)
 MODES = ("solo", "sync", "free")
+#: Temporary files of atomic writes: ``.tmp-<name>.<random>.partial`` - no ``*.parquet``
+#: or ``*.json`` glob matches them, and a resumed scan deletes leftovers.
+TMP_PREFIX = ".tmp-"
+TMP_SUFFIX = ".partial"
 
 
 def schema_with_provenance(provenance: dict[str, Any]) -> pa.Schema:
@@ -72,19 +84,35 @@ def schema_with_provenance(provenance: dict[str, Any]) -> pa.Schema:
 
 def rows_to_table(rows: Iterable[dict[str, Any]], provenance: dict[str, Any]) -> pa.Table:
     rows = list(rows)
-    columns = {name: [r[name] for r in rows] for name in TRACE_COLUMNS}
+    columns = {name: [r[name] for r in rows] for name in TRACE_COLUMNS if name not in DERIVED_COLUMNS}
+    columns["first_divergence"] = [r["first_divergence"] if "first_divergence" in r
+                                   else bool(r["flip"] and r["prefix_match"]) for r in rows]
     return pa.Table.from_pydict(columns, schema=schema_with_provenance(provenance))
 
 
+def _open_new(path: Path) -> int:
+    """Create ``path`` exclusively with mode 0666 minus the umask (``mkstemp`` would give 0600)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+
+
+def temp_path(path: Path) -> Path:
+    return path.parent / f"{TMP_PREFIX}{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, then rename."""
+    """Write ``data`` to ``path`` through a temp file in the same folder, then rename.
+
+    The temp file is named ``.tmp-<name>.<random>.partial`` (see TMP_SUFFIX) and the
+    result has the usual permissions (0666 minus the umask).
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+        tmp = temp_path(path)
+        fd = _open_new(tmp)
     except OSError as exc:
-        raise OutputError(f"cannot write to {path.parent}: {exc.strerror or exc}",
-                          hint="choose a writable --out") from exc
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}",
+                          hint="choose a writable location") from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -118,6 +146,75 @@ def trace_files(path: Path) -> list[Path]:
     raise TraceError(f"{path}: no such trace file or directory", hint="give a directory written by `mgaudit scan`")
 
 
+def is_mgaudit_trace(path: Path) -> bool:
+    """True for a Parquet file that carries mgaudit's provenance in its schema metadata."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception:  # not Parquet, unreadable: not ours
+        return False
+    return PROVENANCE_KEY in meta
+
+
+def stale_temp_files(folder: Path) -> list[Path]:
+    """Temp files an interrupted write left in ``folder`` (this version's ``.partial`` and the older
+    ``.tmp-*.parquet``/``.tmp-*.json`` of mkstemp)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_file()
+                  and p.name.endswith((TMP_SUFFIX, ".parquet", ".json")))
+
+
+def _probe_dir(folder: Path) -> str | None:
+    """Why ``folder`` (an existing directory) cannot take a new file, or None where it can."""
+    probe = folder / f"{TMP_PREFIX}write-test.{os.getpid()}.{secrets.token_hex(3)}{TMP_SUFFIX}"
+    try:
+        os.close(_open_new(probe))
+        os.unlink(probe)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_dir(path: Path, what: str) -> None:
+    """Raise OutputError unless ``path`` is (or can be created as) a writable directory.
+
+    Creates nothing: only a probe file in the nearest existing folder, removed at once.
+    ``what`` names the output in the message ("trace directory", ...).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path}: exists and is not a directory", hint="give a directory path")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise OutputError(f"{what} {path}: {base} is a file, not a directory", hint="give a path under a directory")
+    why = _probe_dir(base)
+    if why:
+        raise OutputError(f"{what} {path}: {base} is not writable ({why})", hint="choose a writable location")
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """Raise OutputError unless a file can be written at ``path`` (its folder may not exist yet)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path}: is a directory", hint="give a file path")
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise OutputError(f"{what} {path}: {base} is a file, not a directory", hint="give a path under a directory")
+    why = _probe_dir(base)
+    if why:
+        raise OutputError(f"{what} {path}: {base} is not writable ({why})", hint="choose a writable location")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"{what} {path}: the file exists and is read-only", hint="choose a writable location")
+
+
 def read_provenance(path: Path) -> dict[str, Any]:
     schema = pq.read_schema(path)
     meta = schema.metadata or {}
@@ -142,7 +239,8 @@ def read_traces(path: Path, columns: list[str] | None = None) -> tuple[pa.Table,
             schema = pq.read_schema(f)
         except Exception as exc:  # pyarrow raises several types for non-Parquet input
             raise TraceError(f"{f}: not a Parquet file ({exc.__class__.__name__})") from exc
-        missing = [c for c in (columns or TRACE_COLUMNS) if c not in schema.names]
+        wanted = columns or TRACE_COLUMNS
+        missing = [c for c in wanted if c not in schema.names and c not in DERIVED_COLUMNS]
         if missing:
             raise TraceError(f"{f}: missing column(s) {', '.join(missing)}",
                              hint="traces must be written by `mgaudit scan`")
@@ -151,7 +249,15 @@ def read_traces(path: Path, columns: list[str] | None = None) -> tuple[pa.Table,
             provenance = prov
         else:
             check_same_model(provenance, prov, str(f))
-        tables.append(pq.read_table(f, columns=columns or TRACE_COLUMNS))
+        derive = [c for c in wanted if c not in schema.names]
+        stored = [c for c in wanted if c in schema.names]
+        if derive:
+            stored += [c for c in ("flip", "prefix_match") if c not in stored]
+        t = pq.read_table(f, columns=stored)
+        if derive:  # schema version 1: first_divergence = flip AND prefix_match
+            fd = pa.compute.and_(t["flip"], t["prefix_match"])
+            t = t.append_column(pa.field("first_divergence", pa.bool_(), nullable=False), fd)
+        tables.append(t.select(wanted))
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
     return table, provenance or {}
 

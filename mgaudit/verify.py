@@ -15,8 +15,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UsageError
+from .errors import GateMismatchError, UsageError
 from .gated import POLICIES, DecodePolicy, decode
+from .progress import Stage, as_callback
+from .traces import check_output_file
 
 REPORT_FORMAT = "mgaudit.verify"
 REPORT_VERSION = 1
@@ -39,6 +41,8 @@ class VerifyConfig:
     chat: bool = True
     attn_implementation: str | None = None
     report: Path | None = None
+    strict: bool = False  # refuse a gate fitted on another stack (model, dtype, device kind, attention)
+    skip_long: bool = False  # skip prompts that do not fit the context (else: ContextLengthError)
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -54,10 +58,35 @@ class VerifyConfig:
                              hint="or choose --policy none, always or invariant")
         if self.threshold is not None and not self.threshold >= 0:
             raise UsageError(f"--threshold {self.threshold} must be >= 0")
+        if self.report is not None:
+            check_output_file(Path(self.report), "verify report")
+
+
+#: What a gate must share with the run it gates: (name, where in provenance["model"]).
+STACK_FIELDS = (("model", "sha256"), ("dtype", "dtype"), ("device kind", "device"),
+                ("attention", "attn_implementation"))
+
+
+def _kind(device: Any) -> Any:
+    return str(device).split(":")[0] if device is not None else None
+
+
+def gate_mismatches(gate_model: dict[str, Any], run_model: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (gate's value, this run's value)}`` where the gate was fitted on another stack.
+    Fields the gate does not record are not compared."""
+    out = {}
+    for name, key in STACK_FIELDS:
+        g, r = gate_model.get(key), run_model.get(key)
+        if name == "device kind":
+            g, r = _kind(g), _kind(r)
+        if g is not None and r is not None and g != r:
+            out[name] = (g, r)
+    return out
 
 
 def compare(pid: str, solo, gated, tokenizer) -> dict[str, Any]:
-    """A per-sequence record: identical or not, and where the first difference is."""
+    """A per-sequence record: identical or not, where the first difference is, and both token lists
+    (``solo_tokens``, ``policy_tokens``) so a failure can be debugged from the report alone."""
     s, g = solo.tokens, gated.tokens
     first = next((i for i in range(min(len(s), len(g))) if s[i] != g[i]), None)
     if first is None and len(s) != len(g):
@@ -70,6 +99,8 @@ def compare(pid: str, solo, gated, tokenizer) -> dict[str, Any]:
         "triggers": gated.triggers,
         "repairs": gated.repairs,
         "first_divergence": first,
+        "solo_tokens": list(s),
+        "policy_tokens": list(g),
     }
     if first is not None:
         def tok(seq, i):
@@ -80,14 +111,14 @@ def compare(pid: str, solo, gated, tokenizer) -> dict[str, Any]:
 
         rec.update({
             "solo_token": tok(s, first),
-            "gated_token": tok(g, first),
+            "policy_token": tok(g, first),
             "solo_text": text(tok(s, first)),
-            "gated_text": text(tok(g, first)),
+            "policy_text": text(tok(g, first)),
             "solo_margin": solo.margins[first] if first < len(s) else None,
-            "gated_margin": gated.margins[first] if first < len(g) else None,
+            "policy_margin": gated.margins[first] if first < len(g) else None,
             "verified_at_divergence": gated.verified[first] if first < len(g) else None,
             "solo_context": tokenizer.decode(s[max(0, first - 8):first + 1]),
-            "gated_context": tokenizer.decode(g[max(0, first - 8):first + 1]),
+            "policy_context": tokenizer.decode(g[max(0, first - 8):first + 1]),
         })
     return rec
 
@@ -96,44 +127,64 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
            loaded=None) -> dict[str, Any]:
     """Run solo and policy decoding; return the report dict (see REPORT_FORMAT)."""
     from . import __version__
-    from .calibrate import load_gate
+    from .architectures import check_supported
+    from .calibrate import float32_decimal, float32_value, load_gate
     from .engine import solo_decode
-    from .models import load_model
-    from .prompts import encode_prompt, load_prompts
+    from .models import load_model, model_context
+    from .prompts import encode_prompt, fit_context, load_prompts
+    from .resources import check_fits
     from .traces import atomic_write_json
 
     log = log or (lambda m: None)
+    report_progress = as_callback(progress)
     config.validate()
-    threshold, gate_info = config.threshold, None
+    # tau is a float32 number (margins are float32): --threshold 0.3 means float32(0.3)
+    threshold, gate_info = (None if config.threshold is None else float32_value(config.threshold)), None
     if config.gate is not None:
         gate = load_gate(config.gate)
         threshold = gate["threshold"]
-        gate_info = {"path": str(config.gate), "threshold": threshold, "method": gate.get("method"),
+        gate_info = {"path": str(config.gate), "threshold": float32_decimal(threshold), "method": gate.get("method"),
                      "model": (gate.get("provenance") or {}).get("model", {}).get("name")}
     policy = DecodePolicy(config.policy, threshold, config.fast_path, config.max_rows)
     policy.validate()
     prompt_set = load_prompts(config.prompts, limit=config.limit)
     lm = loaded or load_model(config.model, config.dtype, config.device, config.attn_implementation, log=log)
+    check_supported(lm.model, policy.name)  # refuse an architecture before any decoding (exit 2)
     if gate_info:
-        gate_sha = ((gate.get("provenance") or {}).get("model") or {}).get("sha256")
-        if gate_sha and lm.sha256 and gate_sha != lm.sha256:
-            log(f"warning: {config.gate} was calibrated on another model ({gate_info['model']})")
-    ids = [encode_prompt(lm.tokenizer, p, chat=config.chat) for p in prompt_set.prompts]
+        gate_model = (gate.get("provenance") or {}).get("model") or {}
+        mismatches = gate_mismatches(gate_model, lm.provenance()["model"])
+        gate_info["mismatches"] = {k: list(v) for k, v in mismatches.items()}
+        if mismatches:
+            what = "; ".join(f"{k} {g} (gate) vs {r} (this run)" for k, (g, r) in mismatches.items())
+            if config.strict:
+                raise GateMismatchError(f"{config.gate} was calibrated on another stack: {what}",
+                                        mismatches=mismatches, hint="recalibrate on traces of this stack")
+            log(f"warning: {config.gate} was calibrated on another stack: {what}; its tau may not hold here")
+    all_ids = [encode_prompt(lm.tokenizer, p, chat=config.chat) for p in prompt_set.prompts]
+    kept = fit_context([p.id for p in prompt_set.prompts], [len(x) for x in all_ids], config.max_new_tokens,
+                       model_context(lm.model), skip=config.skip_long)
+    skipped = [prompt_set.prompts[i].id for i in range(len(all_ids)) if i not in kept]
+    if skipped:
+        log(f"skipped {len(skipped)} of {len(all_ids)} prompts that do not fit the model's context of "
+            f"{model_context(lm.model)} tokens with {config.max_new_tokens} new tokens")
+    prompts = [prompt_set.prompts[i] for i in kept]
+    ids = [all_ids[i] for i in kept]
+    check_fits(lm, min(config.batch_size, len(ids)), max(len(x) for x in ids), config.max_new_tokens)
     eos, pad = lm.eos_token_ids, lm.pad_token_id
 
-    task = progress.add_task("solo reference", total=len(ids)) if progress else None
+    stage = Stage(report_progress, "solo", "solo reference", len(ids), unit="prompts")
     t0 = time.perf_counter()
     solos = []
     for p in ids:
         solos.append(solo_decode(lm.model, p, config.max_new_tokens, eos))
-        if progress:
-            progress.advance(task)
+        stage.advance()
     solo_s = time.perf_counter() - t0
 
-    task = progress.add_task(f"policy {policy.name} (B={config.batch_size})", total=len(ids)) if progress else None
+    stage = Stage(report_progress, "policy", f"policy {policy.name} (B={config.batch_size})", len(ids),
+                  unit="prompts")
     out = decode(lm.model, ids, policy, config.batch_size, config.max_new_tokens, eos, pad,
-                 on_batch=(lambda n: progress.advance(task, n)) if progress else None)
-    records = [compare(p.id, s, g, lm.tokenizer) for p, s, g in zip(prompt_set.prompts, solos, out.sequences)]
+                 on_batch=stage.advance)
+    records = [compare(p.id, s, g, lm.tokenizer) for p, s, g in zip(prompts, solos, out.sequences)]
     steps = sum(r["steps"] for r in records)
     solo_tokens = sum(len(s.tokens) for s in solos)
     gated_tokens = sum(len(g.tokens) for g in out.sequences)
@@ -158,8 +209,7 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
         "policy": {
             "name": policy.name,
             # strict JSON has no infinity: an infinite tau (verify every step) is written as null
-            "threshold": threshold if threshold is None or math.isfinite(threshold) else None,
-            "threshold_text": None if threshold is None else repr(float(threshold)),
+            "threshold": float32_decimal(threshold) if threshold is not None and math.isfinite(threshold) else None,
             "fast_path": policy.fast_path if policy.name == "gate" else None,
             "batch_size": config.batch_size,
             "gate": gate_info,
@@ -169,7 +219,7 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
         "provenance": {
             **lm.provenance(),
             "prompts": {"source": prompt_set.source, "name": prompt_set.name, "sha256": prompt_set.sha256,
-                        "count": len(prompt_set.prompts)},
+                        "count": len(prompt_set.prompts), "skipped_too_long": skipped},
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
             "mgaudit_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

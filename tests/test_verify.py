@@ -26,7 +26,7 @@ TOP_KEYS = {"format", "version", "policy", "summary", "sequences", "provenance"}
 SUMMARY_KEYS = {"sequences", "identical", "all_identical", "trigger_rate", "repairs", "solo_seconds",
                 "policy_seconds", "speedup_vs_solo"}
 RECORD_KEYS = {"prompt_id", "identical", "first_divergence", "triggers", "repairs"}
-DIVERGENCE_KEYS = {"solo_token", "gated_token", "solo_margin", "gated_margin", "verified_at_divergence"}
+DIVERGENCE_KEYS = {"solo_token", "policy_token", "solo_margin", "policy_margin", "verified_at_divergence"}
 IDS = [f"tiny-{i:02d}" for i in range(LIMIT)]
 
 
@@ -171,12 +171,12 @@ def test_cli_exit_1_when_a_sequence_differs(tmp_path, prompts_file, tiny_model_d
     rec = report["sequences"][0]
     assert rec["prompt_id"] == "tiny-00" and rec["identical"] is False
     assert rec["first_divergence"] == 3
-    assert rec["solo_token"] == solo_tok and rec["gated_token"] == runner != solo_tok
+    assert rec["solo_token"] == solo_tok and rec["policy_token"] == runner != solo_tok
     assert rec["solo_margin"] > 0
-    assert rec["gated_margin"] == pytest.approx(0.01, abs=1e-3)
+    assert rec["policy_margin"] == pytest.approx(0.01, abs=1e-3)
     assert rec["verified_at_divergence"] is False
     assert rec["repairs"] == 0
-    assert isinstance(rec["solo_text"], str) and isinstance(rec["gated_text"], str)
+    assert isinstance(rec["solo_text"], str) and isinstance(rec["policy_text"], str)
 
 
 def test_cli_json_exit_1(prompts_file, tiny_model_dir, monkeypatch) -> None:

@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-COMMAND_MODULES = ["scan", "calibrate", "verify", "model", "demo", "diagnose", "bench"]
+COMMAND_MODULES = ["scan", "calibrate", "verify", "model", "demo", "diagnose", "bench", "server"]
 
 
 def register_all(app: typer.Typer) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Optional
 
-import numpy as np
 import typer
 from rich.table import Table
 
 from .. import console
+from . import options
 from .boundary import guarded
 
 
@@ -18,13 +18,15 @@ def _pct(x: float | None) -> str:
 
 
 def _tau(x: float | None) -> str:
-    """Shortest text that tells float32 neighbours apart (a fitted tau often sits one float32 step
-    above a flip margin: 0.12500001 rather than 0.125)."""
-    if x is None:
-        return "-"
-    if x == 0 or abs(x) < 1e-4 or abs(x) >= 1e6:
-        return f"{x:.3g}"
-    return np.format_float_positional(np.float32(x), trim="-")
+    """The shortest decimal that reads back as the same float32 (a fitted tau often sits one float32
+    step above a flip margin: 0.12500001 rather than 0.125; the smallest subnormal is 1e-45)."""
+    from ..calibrate import float32_text
+
+    return "-" if x is None else float32_text(x)
+
+
+def _ci(ci: Any) -> str:
+    return "" if not ci else f" [{100.0 * ci[0]:.1f}, {100.0 * ci[1]:.1f}]"
 
 
 def _candidates_table(result: Any) -> Table:
@@ -49,12 +51,13 @@ def _candidates_table(result: Any) -> Table:
 
 
 def _per_batch_table(figures: dict[str, Any]) -> Table:
-    table = Table(title="at the chosen tau, per batch size")
-    for col in ("batch size", "steps", "flips", "recall", "trigger rate", "flips missed"):
+    table = Table(title="at the chosen tau, per batch size (95% intervals in brackets)")
+    for col in ("batch size", "steps", "flips", "flip rate", "recall", "trigger rate", "flips missed"):
         table.add_column(col, justify="right")
     for bs, f in sorted(figures["per_batch_size"].items(), key=lambda kv: int(kv[0])):
-        table.add_row(bs, str(f["steps"]), str(f["flips"]), _pct(f["recall"]), _pct(f["trigger_rate"]),
-                      str(f["flips_missed"]))
+        table.add_row(bs, str(f["steps"]), str(f["flips"]), _pct(f["flip_rate"]) + _ci(f["flip_rate_ci95"]),
+                      _pct(f["recall"]) + _ci(f["recall_ci95"]),
+                      _pct(f["trigger_rate"]) + _ci(f["trigger_rate_ci95"]), str(f["flips_missed"]))
     return table
 
 
@@ -73,21 +76,24 @@ def _transfer_table(result: Any) -> Table:
 
 def _in_words(result: Any) -> str:
     f = result.figures
-    how = (f"covers {f['flips_covered']} of {f['flips']} flips (recall {_pct(f['recall'])})"
-           if f["flips"] else "no flips were seen to check it against")
+    how = (f"covers {f['flips_covered']} of {f['flips']} flips (recall {_pct(f['recall'])}, 95% interval"
+           f"{_ci(f['recall_ci95'])})" if f["flips"] else "no flips were seen to check it against")
     origin = (f"recall fit {_tau(result.fit.get('recall_fit'))} + safety {_tau(result.parameters['safety'])}"
               if result.method == "recall" else
               f"{_tau(result.parameters['bound_factor'])} x B, B = q{result.parameters['bound_quantile']:g} "
               f"of max |dlogit| = {_tau(result.fit.get('bound_B'))}")
     return (f"chosen tau = {_tau(result.threshold)} (method {result.method}: {origin}); on {f['steps']} sync steps "
-            f"it {how} and verifies {f['triggered']} steps (trigger rate {_pct(f['trigger_rate'])}, "
+            f"(flip rate {_pct(f['flip_rate'])}{_ci(f['flip_rate_ci95'])}) it {how} and verifies {f['triggered']} "
+            f"steps (trigger rate {_pct(f['trigger_rate'])}{_ci(f['trigger_rate_ci95'])}, "
             f"{f['flips_missed']} flips missed)")
 
 
 def render_result(result: Any) -> None:
     console.out.print(_candidates_table(result))
     console.out.print(_per_batch_table(result.figures))
-    console.out.print(_in_words(result), soft_wrap=True)
+    console.out.print(_in_words(result), soft_wrap=True, markup=False)
+    for w in result.warnings:
+        console.out.print(f"warning: {w}", soft_wrap=True, markup=False, style="yellow")
     if result.transfer:
         console.out.print(_transfer_table(result))
 
@@ -96,21 +102,24 @@ def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     @guarded
     def calibrate_cmd(
-        traces: List[Path] = typer.Argument(..., help="Trace directories (or files) written by `mgaudit scan`."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the gate file (gate.json) here."),
-        method: str = typer.Option("recall", "--method", help="recall: cover the observed flips; "
+        traces: List[Path] = typer.Argument(..., metavar="DIR...",
+                                            help="Trace directories (or files) written by `mgaudit scan`, each once."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE",
+                                           help="Write the gate file (gate.json) here."),
+        method: str = typer.Option("recall", "--method", metavar="METHOD", help="recall: cover the observed flips; "
                                    "bound: bound-factor x a quantile of max |dlogit| (needs no flips)."),
-        target_recall: float = typer.Option(1.0, "--target-recall", help="Fraction of flips tau must cover, in (0, 1]."),
-        safety: float = typer.Option(0.0625, "--safety", help="Logits added to the recall fit "
+        target_recall: float = typer.Option(1.0, "--target-recall", metavar="X", help="Fraction of flips tau must cover, in (0, 1]."),
+        safety: float = typer.Option(0.0625, "--safety", metavar="X", help="Logits added to the recall fit "
                                      "(default: one bf16 quantum at typical logit sizes)."),
-        bound_quantile: float = typer.Option(0.999, "--bound-quantile", help="Quantile of max |dlogit| for --method bound."),
-        bound_factor: float = typer.Option(2.0, "--bound-factor", help="tau = factor x that quantile (--method bound)."),
-        eval_traces: Optional[List[Path]] = typer.Option(None, "--eval", help="Trace directory to test the fitted "
+        bound_quantile: float = typer.Option(0.999, "--bound-quantile", metavar="X", help="Quantile of max |dlogit| for --method bound."),
+        bound_factor: float = typer.Option(2.0, "--bound-factor", metavar="X", help="tau = factor x that quantile (--method bound)."),
+        eval_traces: Optional[List[Path]] = typer.Option(None, "--eval", metavar="DIR", help="Trace directory to test the fitted "
                                                          "tau on (repeatable)."),
-        plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of margins and the recall/trigger curve."),
-        batch_size: Optional[List[int]] = typer.Option(None, "--batch-size", help="Use only this batch size "
+        plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Write a PNG of margins and the recall/trigger curve."),
+        batch_size: Optional[List[int]] = typer.Option(None, "--batch-size", metavar="N", help="Use only this batch size "
                                                        "(repeatable; default: all)."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of tables."),
+        quiet: bool = options.QUIET,
     ) -> None:
         """Fit the gate threshold tau (verify when batched_margin < tau) from the sync rows of scan traces."""
         from ..calibrate import CalibrateConfig, calibrate
@@ -132,7 +141,6 @@ def register(app: typer.Typer) -> None:
             console.print_json(result.to_dict())
         else:
             render_result(result)
-        if out is not None:
-            console.err.print(f"wrote {out}")
-        if plot is not None:
-            console.err.print(f"wrote {plot}")
+        for path in (out, plot):
+            if path is not None and not quiet:
+                console.say(f"wrote {path}")

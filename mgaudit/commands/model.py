@@ -33,11 +33,17 @@ def register(app: typer.Typer) -> None:
         dtype: str = options.DTYPE,
         device: str = options.DEVICE,
     ) -> None:
-        """Load a model and print its provenance as JSON."""
+        """Load a model and print its provenance as JSON, with which exact policies it supports."""
+        from rich.markup import escape
+
+        from ..architectures import capabilities
         from ..models import load_model
 
         lm = load_model(model, dtype, device, log=lambda m: console.err.print(m))
         info = lm.provenance()
         info["model"]["parameters"] = sum(p.numel() for p in lm.model.parameters())
         info["model"]["eos_token_ids"] = lm.eos_token_ids
+        caps = capabilities(lm.model)
+        info["exactness"] = caps.as_dict()
+        console.err.print(escape(caps.verdict()), soft_wrap=True)
         console.print_json(info)

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .. import console
-from . import options
+from . import endpoint_cli, options
 from .boundary import guarded
 
 
@@ -41,9 +41,12 @@ def register(app: typer.Typer) -> None:
     @app.command("scan")
     @guarded
     def scan_cmd(
+        ctx: typer.Context,
         prompts: str = options.PROMPTS_ARG,
-        out: Path = typer.Option(..., "--out", "-o", help="Directory for the Parquet traces."),
-        batch_sizes: str = typer.Option("4,8,16", "--batch-sizes", help="Comma-separated batch sizes to replay."),
+        out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Directory for the Parquet traces."),
+        batch_sizes: str = typer.Option("4,8,16", "--batch-sizes", metavar="LIST",
+                                        help="Comma-separated batch sizes to replay (sizes above the number of "
+                                             "prompts are capped to it)."),
         max_new_tokens: int = options.MAX_NEW,
         seed: int = typer.Option(0, "--seed", help="Seeds which prompts share a batch (and torch)."),
         model: str = options.MODEL,
@@ -52,22 +55,41 @@ def register(app: typer.Typer) -> None:
         attn: str = options.ATTN,
         limit: int = options.LIMIT,
         no_chat: bool = options.NO_CHAT,
-        modes: str = typer.Option("sync,free", "--modes", help="sync (teacher-forced), free (free-running), or both."),
-        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scan in --out."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Delete traces already in --out first."),
+        modes: str = typer.Option("sync,free", "--modes", metavar="LIST",
+                                  help="sync (teacher-forced), free (free-running), or both."),
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scan in --out (new "
+                                    "--batch-sizes are added to it)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Delete the traces an earlier scan wrote in --out "
+                                       "first (other files are never deleted)."),
+        skip_long: bool = options.SKIP_LONG,
+        endpoint: str = endpoint_cli.ENDPOINT,
+        engine_note: str = endpoint_cli.ENGINE_NOTE,
+        tokens_only: bool = endpoint_cli.TOKENS_ONLY,
+        prefix_cache: bool = endpoint_cli.PREFIX_CACHE,
+        timeout: float = endpoint_cli.TIMEOUT,
+        retries: int = endpoint_cli.RETRIES,
+        quiet: bool = options.QUIET,
         json_out: bool = options.JSON,
     ) -> None:
         """Replay PROMPTS solo and inside batches; record tokens, top-1/top-2 logits, margins and flips."""
         from ..scan import ScanConfig, parse_batch_sizes, scan
 
+        if endpoint:
+            return endpoint_cli.scan(ctx, prompts=prompts, out=out, endpoint=endpoint, model=model,
+                                     batch_sizes=parse_batch_sizes(batch_sizes), max_new_tokens=max_new_tokens,
+                                     seed=seed, limit=limit, chat=not no_chat, tokens_only=tokens_only,
+                                     prefix_cache=prefix_cache, engine_note=engine_note, timeout=timeout,
+                                     retries=retries, resume=resume, overwrite=overwrite, quiet=quiet,
+                                     json_out=json_out)
+
         config = ScanConfig(
             prompts=prompts, out=out, model=model, dtype=dtype, device=device,
             batch_sizes=parse_batch_sizes(batch_sizes), max_new_tokens=max_new_tokens, seed=seed,
             limit=limit, chat=not no_chat, modes=[m for m in modes.split(",") if m],
-            attn_implementation=attn, resume=resume, overwrite=overwrite,
+            attn_implementation=attn, resume=resume, overwrite=overwrite, skip_long=skip_long,
         )
-        with console.progress() as bar:
-            result = scan(config, progress=bar, log=lambda m: console.err.print(m))
+        with console.reporter(quiet) as report:
+            result = scan(config, progress=report, log=console.logger(quiet))
         if json_out:
             console.print_json(result.summary)
         else:

@@ -10,13 +10,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import console
-from . import options
+from ..errors import UsageError
+from . import endpoint_cli, options
 from .boundary import guarded
 
 
 def render(report: dict[str, Any]) -> None:
     s, pol = report["summary"], report["policy"]
-    name = pol["name"] + (f" (tau={pol['threshold_text']}, {pol['fast_path']} fast path)" if pol["name"] == "gate" else "")
+    tau = "-" if pol["threshold"] is None else f"{pol['threshold']!r}"  # stored as the shortest float32 decimal
+    name = pol["name"] + (f" (tau={tau}, {pol['fast_path']} fast path)" if pol["name"] == "gate" else "")
     table = Table(title=f"verify: policy {name}, batch size {pol['batch_size']}")
     table.add_column("sequences identical to solo", justify="right")
     table.add_column("trigger rate", justify="right")
@@ -38,8 +40,8 @@ def render(report: dict[str, Any]) -> None:
             def fmt(x):
                 return "-" if x is None else f"{x:.4g}"
             t.add_row(escape(r["prompt_id"]), str(r["first_divergence"]),
-                      escape(repr(r["solo_text"])), escape(repr(r["gated_text"])),
-                      fmt(r["solo_margin"]), fmt(r["gated_margin"]), str(r["verified_at_divergence"]))
+                      escape(repr(r["solo_text"])), escape(repr(r["policy_text"])),
+                      fmt(r["solo_margin"]), fmt(r["policy_margin"]), str(r["verified_at_divergence"]))
         console.out.print(t)
         console.out.print(f"[bold red]FAIL[/]: {len(bad)} of {s['sequences']} sequences differ from solo")
     else:
@@ -50,18 +52,22 @@ def register(app: typer.Typer) -> None:
     @app.command("verify")
     @guarded
     def verify_cmd(
+        ctx: typer.Context,
         prompts: str = options.PROMPTS_ARG,
-        gate: Path = typer.Option(None, "--gate", help="gate.json written by `mgaudit calibrate`."),
-        threshold: float = typer.Option(None, "--threshold", help="Gate threshold tau (instead of --gate)."),
-        policy: str = typer.Option("gate", "--policy",
+        gate: Path = typer.Option(None, "--gate", metavar="FILE", help="gate.json written by `mgaudit calibrate`."),
+        threshold: float = typer.Option(None, "--threshold", metavar="TAU",
+                                        help="Gate threshold tau (instead of --gate; a float32 number)."),
+        strict: bool = typer.Option(False, "--strict", help="Refuse a gate fitted on another model, dtype, device "
+                                    "kind or attention implementation (default: warn)."),
+        policy: str = typer.Option("gate", "--policy", metavar="POLICY",
                                    help="none (plain padded batching), always (verify every step), "
                                         "gate (verify below tau), invariant (batch-invariant path, no verifier)."),
-        fast_path: str = typer.Option("ragged", "--fast-path",
+        fast_path: str = typer.Option("ragged", "--fast-path", metavar="PATH",
                                       help="gate's fast path: ragged (solo prefill, unpadded attention) or padded "
                                            "(the paper's design: padded batch, verified below tau)."),
-        max_rows: int = typer.Option(None, "--max-rows", help="GEMM rows per chunk on the ragged path "
+        max_rows: int = typer.Option(None, "--max-rows", metavar="N", help="GEMM rows per chunk on the ragged path "
                                                                "(default: measured on the model)."),
-        batch_size: int = typer.Option(16, "--batch-size", "-b", help="Prompts decoded together."),
+        batch_size: int = typer.Option(16, "--batch-size", "-b", metavar="N", help="Prompts decoded together."),
         max_new_tokens: int = options.MAX_NEW,
         model: str = options.MODEL,
         dtype: str = options.DTYPE,
@@ -69,22 +75,44 @@ def register(app: typer.Typer) -> None:
         attn: str = options.ATTN,
         limit: int = options.LIMIT,
         no_chat: bool = options.NO_CHAT,
-        report: Path = typer.Option(None, "--report", help="Write the full report (per-sequence records) as JSON."),
+        report: Path = typer.Option(None, "--report", metavar="FILE",
+                                    help="Write the full report (per-sequence records and token lists) as JSON."),
+        skip_long: bool = options.SKIP_LONG,
+        endpoint: str = endpoint_cli.ENDPOINT,
+        engine_note: str = endpoint_cli.ENGINE_NOTE,
+        tokens_only: bool = endpoint_cli.TOKENS_ONLY,
+        timeout: float = endpoint_cli.TIMEOUT,
+        retries: int = endpoint_cli.RETRIES,
+        quiet: bool = options.QUIET,
         json_out: bool = options.JSON,
     ) -> None:
-        """Decode PROMPTS solo and under a policy; exit 0 only if every sequence is identical to solo."""
+        """Decode PROMPTS solo and under a policy; exit 0 only if every sequence is identical to solo.
+
+        With --endpoint: each request alone vs with --batch-size requests in flight on that server.
+        Exit codes: 0 all identical, 1 some differ, 2 bad input, 3 internal error (a bug), 130/143 interrupted.
+        """
         from ..verify import VerifyConfig, verify
+
+        if endpoint:
+            if gate is not None or threshold is not None:
+                raise UsageError("--gate/--threshold do not apply with --endpoint (a server's batching is audited "
+                                 "as it is)", hint="drop --gate/--threshold, or drop --endpoint")
+            raise typer.Exit(endpoint_cli.verify(
+                ctx, prompts=prompts, endpoint=endpoint, model=model, batch_size=batch_size,
+                max_new_tokens=max_new_tokens, limit=limit, chat=not no_chat, tokens_only=tokens_only,
+                engine_note=engine_note, timeout=timeout, retries=retries, report=report, quiet=quiet,
+                json_out=json_out))
 
         config = VerifyConfig(prompts=prompts, model=model, dtype=dtype, device=device, policy=policy, gate=gate,
                               threshold=threshold, fast_path=fast_path, max_rows=max_rows, batch_size=batch_size,
                               max_new_tokens=max_new_tokens, limit=limit, chat=not no_chat,
-                              attn_implementation=attn, report=report)
-        with console.progress() as bar:
-            result = verify(config, progress=bar, log=lambda m: console.err.print(m))
+                              attn_implementation=attn, report=report, strict=strict, skip_long=skip_long)
+        with console.reporter(quiet) as progress:
+            result = verify(config, progress=progress, log=console.logger(quiet))
         if json_out:
             console.print_json(result)
         else:
             render(result)
-        if report:
-            console.err.print(f"report written to {report}")
+        if report and not quiet:
+            console.say(f"report written to {report}")
         raise typer.Exit(0 if result["summary"]["all_identical"] else 1)

@@ -1,0 +1,133 @@
+"""Is mgaudit's endpoint client the bottleneck? Request rate at N concurrent requests, side by side.
+
+Two clients send the same requests to the same server, closed loop with ``--concurrency``
+requests in flight, interleaved round by round (noise hits both alike):
+
+* bare: ``httpx.AsyncClient`` (same library, same pool limits), POST and read the body;
+* mgaudit: :class:`mgaudit.endpoint.client.EndpointClient` (retry wrapper, JSON and logprob
+  parsing into a Completion), plus building the trace rows of every answer against a solo
+  reference and writing them as one Parquet file atomically, as a scan does.
+
+Reports requests/s of each (median over rounds) and the ratio mgaudit/bare. Short answers
+(``--max-tokens``, default 8) raise the request rate, which makes client overhead visible.
+
+    python benchmarks/bench_endpoint.py                      # starts llama-server (16 slots) itself
+    python benchmarks/bench_endpoint.py --endpoint http://127.0.0.1:8080/v1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+async def _bare(url: str, specs, concurrency: int, timeout: float) -> float:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout, connect=3.0)) as client:
+        async def one(spec):
+            async with sem:
+                r = await client.post(f"{url}/{spec.path}", json=spec.body)
+                r.raise_for_status()
+                return len(r.content)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(s) for s in specs))
+        return time.perf_counter() - t0
+
+
+async def _recorded(url: str, specs, refs, ids, concurrency: int, timeout: float, out: Path) -> float:
+    from mgaudit.endpoint.audit import pair_rows
+    from mgaudit.endpoint.client import EndpointClient
+    from mgaudit.traces import atomic_write_table, rows_to_table
+
+    sem = asyncio.Semaphore(concurrency)
+    rows: list[dict] = []
+    async with EndpointClient(url, concurrency=concurrency, timeout=timeout) as client:
+        async def one(k, spec):
+            async with sem:
+                c = await client.complete(spec)
+            i = ids[k]
+            rows.extend(pair_rows(f"p{i}", i, concurrency, 0, k, 0, refs[i], c))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(k, s) for k, s in enumerate(specs)))
+        atomic_write_table(out / "trace-bench.parquet", rows_to_table(rows, {"bench": True}))
+        return time.perf_counter() - t0
+
+
+async def _refs(url: str, specs, timeout: float):
+    from mgaudit.endpoint.client import EndpointClient
+
+    async with EndpointClient(url, concurrency=1, timeout=timeout) as client:
+        return [await client.complete(s) for s in specs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--endpoint", default=None, help="base URL; default: start llama-server with --slots")
+    ap.add_argument("--slots", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--prompts", default="chat")
+    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=64, help="requests per round and client")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--out", type=Path, default=None, help="write the result JSON here")
+    args = ap.parse_args()
+
+    from mgaudit.endpoint.audit import prepare, probe, with_cache
+    from mgaudit.endpoint.llama_server import LlamaServer, build_llama_server, default_gguf
+    from mgaudit.models import cpu_model
+
+    srv = None
+    url = args.endpoint
+    if url is None:
+        srv = LlamaServer(build_llama_server(log=print).binary, default_gguf(), slots=args.slots,
+                          ctx=1024 * args.slots).start()
+        url = srv.url
+    try:
+        info = probe(url)
+        prep = prepare(args.prompts, args.limit, None, True, args.max_tokens, False, info, print)
+        base = [with_cache(s, info, False) for s in prep.specs]
+        ids = [k % len(base) for k in range(args.requests)]
+        specs = [base[i] for i in ids]
+        refs = asyncio.run(_refs(url, base, args.timeout))
+        bare, rec = [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in range(args.rounds):
+                tb = asyncio.run(_bare(url, specs, args.concurrency, args.timeout))
+                tr = asyncio.run(_recorded(url, specs, refs, ids, args.concurrency, args.timeout, Path(tmp)))
+                bare.append(args.requests / tb)
+                rec.append(args.requests / tr)
+                print(f"round {r + 1}: bare {bare[-1]:.2f} req/s, mgaudit {rec[-1]:.2f} req/s", flush=True)
+        result = {
+            "endpoint": url, "engine": info.engine, "build": (info.fingerprint.get("props") or {}).get("build_info"),
+            "slots": info.slots, "threads": srv.threads if srv else None, "cpu": cpu_model(),
+            "concurrency": args.concurrency, "requests_per_round": args.requests, "max_tokens": args.max_tokens,
+            "rounds": args.rounds, "bare_req_per_s": bare, "mgaudit_req_per_s": rec,
+            "bare_median": statistics.median(bare), "mgaudit_median": statistics.median(rec),
+            "ratio_of_medians": statistics.median(rec) / statistics.median(bare),
+            "ratio_per_round": [r / b for r, b in zip(rec, bare)],
+        }
+        print(json.dumps(result, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        if srv is not None:
+            srv.stop()
+
+
+if __name__ == "__main__":
+    main()
