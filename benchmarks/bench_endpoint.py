@@ -8,10 +8,15 @@ requests in flight, interleaved round by round (noise hits both alike):
   parsing into a Completion), plus building the trace rows of every answer against a solo
   reference and writing them as one Parquet file atomically, as a scan does.
 
-Reports requests/s of each (median over rounds) and the ratio mgaudit/bare. Short answers
-(``--max-tokens``, default 8) raise the request rate, which makes client overhead visible.
+Reports requests/s of each (median over rounds), the ratio mgaudit/bare, and the client's
+own CPU time per request (``time.process_time``: immune to the server's speed and to other
+load on the machine). Short answers (``--max-tokens``, default 8) raise the request rate,
+which makes client overhead visible. ``--fake`` runs against tests/fake_openai_server.py in
+a subprocess with no delay: a server far faster than any model, so the client is the
+bottleneck there (the worst case for the ratio).
 
     python benchmarks/bench_endpoint.py                      # starts llama-server (16 slots) itself
+    python benchmarks/bench_endpoint.py --fake --max-tokens 48 --requests 512
     python benchmarks/bench_endpoint.py --endpoint http://127.0.0.1:8080/v1
 """
 
@@ -41,9 +46,9 @@ async def _bare(url: str, specs, concurrency: int, timeout: float) -> float:
                 r.raise_for_status()
                 return len(r.content)
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(one(s) for s in specs))
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
 async def _recorded(url: str, specs, refs, ids, concurrency: int, timeout: float, out: Path) -> float:
@@ -60,10 +65,10 @@ async def _recorded(url: str, specs, refs, ids, concurrency: int, timeout: float
             i = ids[k]
             rows.extend(pair_rows(f"p{i}", i, concurrency, 0, k, 0, refs[i], c))
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(one(k, s) for k, s in enumerate(specs)))
         atomic_write_table(out / "trace-bench.parquet", rows_to_table(rows, {"bench": True}))
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
 async def _refs(url: str, specs, timeout: float):
@@ -76,6 +81,7 @@ async def _refs(url: str, specs, timeout: float):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--endpoint", default=None, help="base URL; default: start llama-server with --slots")
+    ap.add_argument("--fake", action="store_true", help="use tests/fake_openai_server.py (no delay) instead")
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--prompts", default="chat")
@@ -91,9 +97,15 @@ def main() -> None:
     from mgaudit.endpoint.llama_server import LlamaServer, build_llama_server, default_gguf
     from mgaudit.models import cpu_model
 
-    srv = None
+    srv = fake = None
     url = args.endpoint
-    if url is None:
+    if args.fake:
+        import subprocess
+
+        script = Path(__file__).resolve().parents[1] / "tests" / "fake_openai_server.py"
+        fake = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+        url = fake.stdout.readline().strip()
+    elif url is None:
         srv = LlamaServer(build_llama_server(log=print).binary, default_gguf(), slots=args.slots,
                           ctx=1024 * args.slots).start()
         url = srv.url
@@ -104,14 +116,17 @@ def main() -> None:
         ids = [k % len(base) for k in range(args.requests)]
         specs = [base[i] for i in ids]
         refs = asyncio.run(_refs(url, base, args.timeout))
-        bare, rec = [], []
+        bare, rec, bare_cpu, rec_cpu = [], [], [], []
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(args.rounds):
-                tb = asyncio.run(_bare(url, specs, args.concurrency, args.timeout))
-                tr = asyncio.run(_recorded(url, specs, refs, ids, args.concurrency, args.timeout, Path(tmp)))
+                tb, cb = asyncio.run(_bare(url, specs, args.concurrency, args.timeout))
+                tr, cr = asyncio.run(_recorded(url, specs, refs, ids, args.concurrency, args.timeout, Path(tmp)))
                 bare.append(args.requests / tb)
                 rec.append(args.requests / tr)
-                print(f"round {r + 1}: bare {bare[-1]:.2f} req/s, mgaudit {rec[-1]:.2f} req/s", flush=True)
+                bare_cpu.append(1000 * cb / args.requests)
+                rec_cpu.append(1000 * cr / args.requests)
+                print(f"round {r + 1}: bare {bare[-1]:.2f} req/s ({bare_cpu[-1]:.2f} ms CPU/request), "
+                      f"mgaudit {rec[-1]:.2f} req/s ({rec_cpu[-1]:.2f} ms CPU/request)", flush=True)
         result = {
             "endpoint": url, "engine": info.engine, "build": (info.fingerprint.get("props") or {}).get("build_info"),
             "slots": info.slots, "threads": srv.threads if srv else None, "cpu": cpu_model(),
@@ -120,6 +135,9 @@ def main() -> None:
             "bare_median": statistics.median(bare), "mgaudit_median": statistics.median(rec),
             "ratio_of_medians": statistics.median(rec) / statistics.median(bare),
             "ratio_per_round": [r / b for r, b in zip(rec, bare)],
+            "bare_cpu_ms_per_request": statistics.median(bare_cpu),
+            "mgaudit_cpu_ms_per_request": statistics.median(rec_cpu),
+            "server": "fake (tests/fake_openai_server.py, no delay)" if args.fake else "llama-server",
         }
         print(json.dumps(result, indent=2))
         if args.out:
@@ -127,6 +145,9 @@ def main() -> None:
     finally:
         if srv is not None:
             srv.stop()
+        if fake is not None:
+            fake.terminate()
+            fake.wait(timeout=10)
 
 
 if __name__ == "__main__":

@@ -101,4 +101,18 @@ apply_command_class(app)
 
 
 def run() -> None:  # console script
-    app()
+    """``app()``, and a last guard: an exception that escapes outside a command (while the app is built
+    or its options parsed) is an internal error too, exit 3, never 1."""
+    import sys
+
+    from .commands.boundary import debug_enabled
+    from .errors import EXIT_INTERNAL
+
+    try:
+        app()
+    except Exception as exc:
+        if debug_enabled():
+            raise
+        sys.stderr.write(f"error: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+                         "(a bug in mgaudit; rerun with --debug for the traceback)\n")
+        sys.exit(EXIT_INTERNAL)

@@ -198,6 +198,11 @@ def run_ops(config: OpsConfig, log: Callable[[str], None] | None = None, loaded=
     lm = _load(config, log, loaded)
     report = probe_ops(lm, row_counts=config.rows, seed=config.seed, kv_len=config.kv_len, progress=log)
     report.provenance = lm.provenance()
+    # the same evidence the ragged path plans with: per-op row limits with stated power
+    from .invariance import probe
+
+    up_to = max(2, min(max(config.rows), 64))
+    report.limits = probe(lm.model, up_to, seed=config.seed).summary()
     return report
 
 

@@ -89,6 +89,8 @@ class OpsReport:
     verdict: str = ""
     torch_threads: int = 0
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: the powered per-op probe the ragged path plans with (mgaudit.invariance), as its summary
+    limits: dict[str, Any] | None = None
 
     def op(self, name: str) -> OpResult:
         for o in self.ops:
@@ -105,7 +107,7 @@ class OpsReport:
             "row_counts": self.row_counts, "kv_len": self.kv_len, "seed": self.seed,
             "torch_threads": self.torch_threads,
             "ops": [o.to_dict() for o in self.ops], "verdict": self.verdict,
-            "provenance": self.provenance,
+            "provenance": self.provenance, "limits": self.limits,
         }
 
 

@@ -115,6 +115,6 @@ EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 def json_error_text(exc, with_line: bool = True) -> str:
     """A JSONDecodeError in words: "Expecting value at line 1, column 5". (Its ``msg`` can end in
-    "at", as in "Unterminated string starting at", which must not become "at at".)"""
+    "at", as in "Unterminated string starting at": that word is not repeated.)"""
     msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
     return f"{msg} at line {exc.lineno}, column {exc.colno}" if with_line else f"{msg} at column {exc.colno}"

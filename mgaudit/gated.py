@@ -448,7 +448,7 @@ def decode(
         report = probe_report
         if report is None:
             report = probe(model, max(rows, 2))
-        plan = plan_for(report, rows, max_rows=policy.max_rows, contract=policy.contract)
+        plan = plan_for(report, rows, max_rows=policy.max_rows, contract=policy.contract, model=model)
         evidence = report.summary() if report is not None else None
     t0 = time.perf_counter()
     out: list[SequenceResult] = []

@@ -199,7 +199,13 @@ def capture_activations(model, steps: int = 8, prompt_len: int = 6, seed: int = 
     finally:
         for h in handles:
             h.remove()
-    return {k: torch.cat(v) for k, v in seen.items() if v}
+    out = {}
+    for k, v in seen.items():
+        if v:  # one op key may see several widths (MoE experts and shared experts): keep the commonest
+            widths = [t.shape[-1] for t in v]
+            w = max(set(widths), key=widths.count)
+            out[k] = torch.cat([t for t in v if t.shape[-1] == w])
+    return out
 
 
 # --------------------------------------------------------------------------- probe
@@ -223,6 +229,7 @@ class OpResult:
     layouts: list[LayoutResult]
     fixed_rows_ok: bool | None = None  # contract batch-invariant: position/companion independence at R rows
     fixed_rows_elements: int = 0
+    error: str | None = None  # the op could not be run on its own here (not probed; runs as the model does)
 
     def best(self) -> LayoutResult:
         return max(self.layouts, key=lambda r: (r.limit, -LAYOUTS.index(r.layout)))
@@ -255,7 +262,7 @@ class ProbeReport:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ProbeReport":
-        ops = [OpResult(**{**o, "layouts": [LayoutResult(**l) for l in o["layouts"]]}) for o in data["ops"]]
+        ops = [OpResult(**{**o, "layouts": [LayoutResult(**x) for x in o["layouts"]]}) for o in data["ops"]]
         fields = {k: v for k, v in data.items() if k not in ("format", "version", "ops")}
         return cls(ops=ops, **fields)
 
@@ -269,6 +276,7 @@ class ProbeReport:
             "ops": {o.key: {r.layout: r.limit for r in o.layouts} for o in self.ops},
             "limited": {o.key: {"first_failure": o.layouts[0].first_failure, "best": o.best().layout,
                                 "limit": o.limit()} for o in self.limited(self.up_to)},
+            "not_probed": {o.key: o.error for o in self.ops if o.error},
             "fixed_rows": self.fixed_rows,
             "fixed_rows_ok": all(o.fixed_rows_ok is not False for o in self.ops),
             "seconds": round(self.seconds, 2),
@@ -430,8 +438,14 @@ def probe(model, up_to: int, *, seed: int = 0, use_cache: bool = True,
     gen = torch.Generator(device="cpu").manual_seed(seed)
     results = []
     for op in find_ops(model):
-        # residual adds are probed on the hidden states the norms see
-        res = probe_op(op, _Pool(real.get(op.key), gen), up_to)
+        try:
+            res = probe_op(op, _Pool(real.get(op.key), gen), up_to)
+        except (TypeError, RuntimeError, ValueError, IndexError) as exc:
+            if op.kind == "linear":
+                raise
+            # e.g. a rotary module whose forward needs model-specific arguments
+            res = OpResult(op.key, op.kind, len(op.modules), [LayoutResult("batched", up_to)],
+                           error=f"{type(exc).__name__}: {exc}"[:200])
         results.append(res)
         if on_op:
             on_op(res)

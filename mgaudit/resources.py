@@ -77,7 +77,9 @@ def available_bytes(device: str) -> int | None:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+    if n >= 2**27:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**17 else f"{n / 2**10:.1f} KiB"
 
 
 def check_fits(lm: Any, batch_size: int, prompt_len: int, new_tokens: int, kept_logits_rows: int = 0) -> int | None:

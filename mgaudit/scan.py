@@ -184,7 +184,7 @@ def _check_manifest(out: Path, fingerprint: dict[str, Any]) -> list[int]:
     """Refuse to resume a scan made with other options; return the batch sizes it recorded."""
     manifest = _read_manifest(out)
     if manifest is None:
-        if trace_files(out):
+        if out.is_dir() and trace_files(out):
             raise OutputError(f"{out}: trace files without {MANIFEST}; cannot check they belong to this scan",
                               hint="use --overwrite or another --out")
         return []

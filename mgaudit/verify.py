@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import GateMismatchError, UsageError
-from .gated import POLICIES, DecodePolicy, decode
+from .gated import AUDIT_EVERY, CONTRACTS, POLICIES, DecodePolicy, decode, reference_decode
 from .progress import Stage, as_callback
 from .traces import check_output_file
 
@@ -43,12 +43,18 @@ class VerifyConfig:
     report: Path | None = None
     strict: bool = False  # refuse a gate fitted on another stack (model, dtype, device kind, attention)
     skip_long: bool = False  # skip prompts that do not fit the context (else: ContextLengthError)
+    contract: str = "solo"  # solo: identical to stock solo decoding; batch-invariant: to its own batch-1 run
+    audit_every: int | None = None  # gate: check each row at batch size 1 at least every K steps (None: default)
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
             raise UsageError(f"--policy {self.policy!r} is not one of {', '.join(POLICIES)}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.contract not in CONTRACTS:
+            raise UsageError(f"--contract {self.contract!r} is not one of {', '.join(CONTRACTS)}")
+        if self.audit_every is not None and self.audit_every < 1:
+            raise UsageError(f"--audit-every {self.audit_every} must be at least 1")
         if self.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
         if self.gate is not None and self.threshold is not None:
@@ -84,6 +90,32 @@ def gate_mismatches(gate_model: dict[str, Any], run_model: dict[str, Any]) -> di
     return out
 
 
+def exactness_statement(policy, out, summary: dict[str, Any]) -> str:
+    """What this run checked, in one sentence: never more than the evidence."""
+    ref = "stock solo decoding (batch size 1)" if policy.contract == "solo" else \
+        "the same prompts alone through the batch-invariant kernels"
+    ident = f"{summary['identical']}/{summary['sequences']} sequences identical to {ref}"
+    if policy.name == "none":
+        return f"{ident}; policy none makes no exactness claim"
+    if policy.name == "always":
+        return f"{ident}; every step was recomputed at batch size 1 and its token and K/V column kept"
+    probe = out.probe or {}
+    evidence = (f"probe: every op of the fast path row-invariant up to {probe.get('up_to')} rows "
+                f"({probe.get('min_elements_per_row_count')} elements per row count) or run as planned "
+                f"({', '.join(f'{k}: {v}' for k, v in out.plan.items()) or 'all batched'})") if probe else \
+        "no probe (rows per product forced)"
+    if policy.name == "invariant":
+        return f"{ident}; {evidence}; no runtime check"
+    if policy.fast_path == "padded":
+        return f"{ident}; the paper's padded gate: steps below tau re-run on the batched cache, not exact by design"
+    drift = len(out.drift_events)
+    return (f"{ident}; {evidence}; runtime: {summary['triggers']} margin checks and {summary['audits']} audits "
+            f"(every row at least every {out.audit_every} steps and at its last step) compared logits and "
+            f"K/V bit for bit: {drift} drift event{'s' if drift != 1 else ''}"
+            + (f", each repaired by replay at batch size 1; ops lowered: "
+               f"{', '.join(x['op'] + ' -> ' + x['to'] for x in out.lowered) or 'none'}" if drift else ""))
+
+
 def compare(pid: str, solo, gated, tokenizer) -> dict[str, Any]:
     """A per-sequence record: identical or not, where the first difference is, and both token lists
     (``solo_tokens``, ``policy_tokens``) so a failure can be debugged from the report alone."""
@@ -97,6 +129,8 @@ def compare(pid: str, solo, gated, tokenizer) -> dict[str, Any]:
         "steps": len(g),
         "solo_steps": len(s),
         "triggers": gated.triggers,
+        "audits": gated.audits,
+        "drift_events": len(gated.drift),
         "repairs": gated.repairs,
         "first_divergence": first,
         "solo_tokens": list(s),
@@ -129,7 +163,6 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
     from . import __version__
     from .architectures import check_supported
     from .calibrate import float32_decimal, float32_value, load_gate
-    from .engine import solo_decode
     from .models import load_model, model_context
     from .prompts import encode_prompt, fit_context, load_prompts
     from .resources import check_fits
@@ -145,7 +178,8 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
         threshold = gate["threshold"]
         gate_info = {"path": str(config.gate), "threshold": float32_decimal(threshold), "method": gate.get("method"),
                      "model": (gate.get("provenance") or {}).get("model", {}).get("name")}
-    policy = DecodePolicy(config.policy, threshold, config.fast_path, config.max_rows)
+    policy = DecodePolicy(config.policy, threshold, config.fast_path, config.max_rows, config.contract,
+                          config.audit_every or AUDIT_EVERY)
     policy.validate()
     prompt_set = load_prompts(config.prompts, limit=config.limit)
     lm = loaded or load_model(config.model, config.dtype, config.device, config.attn_implementation, log=log)
@@ -176,7 +210,8 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
     t0 = time.perf_counter()
     solos = []
     for p in ids:
-        solos.append(solo_decode(lm.model, p, config.max_new_tokens, eos))
+        # the reference of the contract: stock solo decoding, or the batch-invariant kernels at batch size 1
+        solos.append(reference_decode(lm.model, p, config.max_new_tokens, eos, contract=policy.contract))
         stage.advance()
     solo_s = time.perf_counter() - t0
 
@@ -202,7 +237,14 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
         "solo_tokens_per_second": solo_tokens / solo_s if solo_s else None,
         "policy_tokens_per_second": gated_tokens / out.seconds if out.seconds else None,
         "max_rows": out.max_rows,
+        "contract": out.contract,
+        "audits": sum(g.audits for g in out.sequences),
+        "audit_every": out.audit_every,
+        "drift_events": len(out.drift_events),
+        "plan": out.plan,
+        "lowered": out.lowered,
     }
+    summary["exactness"] = exactness_statement(policy, out, summary)
     report = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
@@ -216,6 +258,8 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
         },
         "summary": summary,
         "sequences": records,
+        "drift": [asdict(e) | {"prompt_id": prompts[e.row].id} for e in out.drift_events],
+        "probe": out.probe,
         "provenance": {
             **lm.provenance(),
             "prompts": {"source": prompt_set.source, "name": prompt_set.name, "sha256": prompt_set.sha256,

@@ -22,6 +22,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 FLIP_STEP = 3
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # many concurrent connects (the default backlog of 5 resets some)
+
+
 class FakeServer:
     def __init__(self, delay: float = 0.15):
         self.behaviour = "ok"
@@ -30,7 +34,7 @@ class FakeServer:
         self.posts = 0
         self.in_flight = 0
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd = _Server(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -88,6 +92,8 @@ class FakeServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
+
             def log_message(self, *args):  # keep test output clean
                 pass
 
@@ -133,3 +139,14 @@ class FakeServer:
                         server.in_flight -= 1
 
         return Handler
+
+
+if __name__ == "__main__":  # a standalone fake server, e.g. for benchmarks/bench_endpoint.py --fake
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--delay", type=float, default=0.0)
+    args = ap.parse_args()
+    srv = FakeServer(delay=args.delay)
+    print(srv.url, flush=True)
+    srv.httpd.serve_forever()

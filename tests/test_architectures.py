@@ -318,7 +318,7 @@ def test_window_off_by_one_is_not_solo(monkeypatch, shift) -> None:
     """Control: a window one column too short or too long differs from solo (the convention is pinned)."""
     a = _arch("mistral-w4")
     real = ragged._layer_window
-    monkeypatch.setattr(ragged, "_layer_window", lambda state, layer_idx, passed: real(state, layer_idx, passed) + shift)
+    monkeypatch.setattr(ragged, "_layer_window", lambda state, idx, passed: real(state, idx, passed) + shift)
     out = decode_batch(a.model, a.prompts, DecodePolicy("invariant"), NEW, [], 0, max_rows=1, keep_logits=True)
     assert any(not torch.equal(r.logits[-1], s.logits[-1].float()) for r, s in zip(out, a.solos))
 

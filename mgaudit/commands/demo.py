@@ -33,8 +33,8 @@ def register(app: typer.Typer) -> None:
         device: str = options.DEVICE,
         quiet: bool = options.QUIET,
     ) -> None:
-        """The main job: scan a set, fit the gate, verify gated decoding on other sets, and a verdict.
-        Exit 0 if every verified sequence is identical to solo, 1 if any differ."""
+        """The main job: scan a set, fit the gate, verify gated decoding on other sets, and a verdict (exit 1 if any
+        verified sequence differs from solo)."""
         from ..demo import DemoConfig, run_demo
         from .calibrate import render_result
         from .scan import render_summary

@@ -40,6 +40,22 @@ def render_ops(report) -> None:
                       "≠x : some row differs, max |diff| x. For 'attention cache' M-1 is the number of "
                       "masked positions added to one row's K/V.")
     console.out.print(f"[bold]verdict:[/] {escape(report.verdict)}")
+    lim = getattr(report, "limits", None)
+    if lim:
+        t = Table(title=f"row limits the ragged path plans with (each row count 2..{lim['up_to']}: "
+                        f">= {lim['min_elements_per_row_count']} elements compared; {lim['detects']})",
+                  title_justify="left")
+        t.add_column("op")
+        layouts = sorted({k for v in lim["ops"].values() for k in v})
+        for layout in layouts:
+            t.add_column(f"limit, {layout}", justify="right")
+        for key, per in lim["ops"].items():
+            t.add_row(escape(key), *[str(per.get(layout, "-")) for layout in layouts])
+        console.out.print(t)
+        if lim.get("limited"):
+            console.out.print("limited below the probe's range: " + escape(", ".join(
+                f"{k} (first differs at M={v['first_failure']}; runs {v['best']}, up to {v['limit']} rows)"
+                for k, v in lim["limited"].items())))
 
 
 def render_prompt(rep) -> None:

@@ -30,6 +30,20 @@ def render(report: dict[str, Any]) -> None:
                   f"{s['solo_seconds']:.1f}", f"{s['policy_seconds']:.1f}",
                   f"{s['speedup_vs_solo']:.2f}x" if s["speedup_vs_solo"] else "-")
     console.out.print(table)
+    if s.get("plan"):
+        console.out.print("fast path plan: " + escape(", ".join(f"{k}: {v}" for k, v in s["plan"].items())))
+    drift = report.get("drift") or []
+    if drift:
+        t = Table(title="drift events (fast path != batch-1 recomputation, bit for bit)")
+        for col in ("prompt", "step", "what differed", "replayed from step", "op found", "rows it ran",
+                    "op now runs"):
+            t.add_column(col)
+        for e in drift:
+            t.add_row(escape(e["prompt_id"]), str(e["step"]), e["what"], str(e["replayed_from"]),
+                      escape(e["op"] or "not attributed"), str(e["rows"] or "-"), escape(e["lowered_to"] or "-"))
+        console.out.print(t)
+    if s.get("exactness"):
+        console.out.print("checked: " + escape(s["exactness"]))
     bad = [r for r in report["sequences"] if not r["identical"]]
     if bad:
         t = Table(title="sequences that differ from solo")
@@ -68,6 +82,13 @@ def register(app: typer.Typer) -> None:
         max_rows: int = typer.Option(None, "--max-rows", metavar="N", help="GEMM rows per chunk on the ragged path "
                                                                "(default: measured on the model)."),
         batch_size: int = typer.Option(16, "--batch-size", "-b", metavar="N", help="Prompts decoded together."),
+        contract: str = typer.Option("solo", "--contract", metavar="CONTRACT",
+                                     help="solo: identical to stock solo decoding (generate at batch size 1); "
+                                          "batch-invariant: every decode GEMM at a fixed row count, solo included, "
+                                          "checked against that batch-1 run."),
+        audit_every: int = typer.Option(None, "--audit-every", metavar="K",
+                                        help="gate: check every row bit for bit at batch size 1 at least every K "
+                                             "steps, whatever its margin (default 16)."),
         max_new_tokens: int = options.MAX_NEW,
         model: str = options.MODEL,
         dtype: str = options.DTYPE,
@@ -106,7 +127,8 @@ def register(app: typer.Typer) -> None:
         config = VerifyConfig(prompts=prompts, model=model, dtype=dtype, device=device, policy=policy, gate=gate,
                               threshold=threshold, fast_path=fast_path, max_rows=max_rows, batch_size=batch_size,
                               max_new_tokens=max_new_tokens, limit=limit, chat=not no_chat,
-                              attn_implementation=attn, report=report, strict=strict, skip_long=skip_long)
+                              attn_implementation=attn, report=report, strict=strict, skip_long=skip_long,
+                              contract=contract, audit_every=audit_every)
         with console.reporter(quiet) as progress:
             result = verify(config, progress=progress, log=console.logger(quiet))
         if json_out:
