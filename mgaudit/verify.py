@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import GateMismatchError, UsageError
-from .gated import AUDIT_EVERY, CONTRACTS, POLICIES, DecodePolicy, decode, reference_decode
+from .gated import AUDIT_EVERY, CONTRACTS, FAST_PATHS, POLICIES, DecodePolicy, decode, reference_decode
 from .progress import Stage, as_callback
 from .traces import check_output_file
 
@@ -51,6 +51,10 @@ class VerifyConfig:
             raise UsageError(f"--policy {self.policy!r} is not one of {', '.join(POLICIES)}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.fast_path not in FAST_PATHS:
+            raise UsageError(f"--fast-path {self.fast_path!r} is not one of {', '.join(FAST_PATHS)}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise UsageError(f"--max-rows {self.max_rows} must be at least 1")
         if self.contract not in CONTRACTS:
             raise UsageError(f"--contract {self.contract!r} is not one of {', '.join(CONTRACTS)}")
         if self.audit_every is not None and self.audit_every < 1:

