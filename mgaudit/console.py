@@ -101,6 +101,9 @@ class ProgressReporter:
             self._adapter(event)
             return
         now = self.clock()
+        if event.done == 0:  # a stage (re)starts: e.g. verify's solo reference after scan's
+            self._started[event.stage] = now
+            self._last.pop(event.stage, None)
         start = self._started.setdefault(event.stage, now)
         last = self._last.get(event.stage)
         final = event.done >= event.total

@@ -55,7 +55,7 @@ class _RichAdapter:
 
     def __call__(self, event: ProgressEvent) -> None:
         task: Optional[Any] = self.tasks.get(event.stage)
-        if task is None:
+        if task is None or event.done == 0:  # a stage that starts again gets a new bar
             task = self.tasks[event.stage] = self.bar.add_task(event.label, total=event.total)
         self.bar.update(task, completed=event.done, total=event.total, description=event.label)
 

@@ -343,11 +343,17 @@ def test_08_plain_progress_throttles_and_gives_an_eta(capsys) -> None:
         for t in (5.0, 20.0, 25.0, 40.0):
             now["t"] = t
             stage.advance()
+        now["t"] = 100.0  # the same stage again (verify's solo reference after scan's): its own clock
+        again = Stage(rep, "batched", "batched replays", 2, unit="batches")
+        now["t"] = 130.0
+        again.advance()
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
         "progress: batched replays 0/4 batches, 0:00 elapsed",
         "progress: batched replays 2/4 batches, 0:20 elapsed, ETA 0:20",  # 5 s was too soon after the start
         "progress: batched replays 4/4 batches, 0:40 elapsed, done",  # the last one always prints
+        "progress: batched replays 0/2 batches, 0:00 elapsed",
+        "progress: batched replays 1/2 batches, 0:30 elapsed, ETA 0:30",
     ]
 
 
