@@ -260,3 +260,39 @@ def test_library_errors_are_typed(tmp_path, prompts_file, tiny_lm) -> None:
     with pytest.raises(UsageError):
         verify(cfg(policy="bogus", report=report_path), loaded=tiny_lm)
     assert not report_path.exists()
+
+
+# --------------------------------------------------------------------------- contracts and drift
+
+
+def test_cli_gate_reports_what_it_checked(prompts_file, tiny_model_dir) -> None:
+    result = _invoke(_base(prompts_file, tiny_model_dir) + ["--policy", "gate", "--threshold", "0.5",
+                                                            "--audit-every", "3", "--json"])
+    _ok(result)
+    rep = json.loads(result.stdout)
+    s = rep["summary"]
+    assert s["contract"] == "solo" and s["audit_every"] == 3 and s["drift_events"] == len(rep["drift"]) == 0
+    assert s["audits"] > 0  # tau 0.5 does not cover every step; audits look at the others
+    assert "bit for bit" in s["exactness"] and f"{s['identical']}/{s['sequences']}" in s["exactness"]
+    assert rep["probe"]["min_elements_per_row_count"] >= 46050 and rep["probe"]["ops"]
+    assert all(r["audits"] + r["triggers"] >= 1 for r in rep["sequences"])  # every row's last step is checked
+
+
+def test_cli_batch_invariant_contract(prompts_file, tiny_model_dir) -> None:
+    result = _invoke(_base(prompts_file, tiny_model_dir) + ["--policy", "invariant", "--contract",
+                                                            "batch-invariant", "--json"])
+    _ok(result)
+    rep = json.loads(result.stdout)
+    assert rep["summary"]["contract"] == "batch-invariant" and rep["summary"]["all_identical"]
+    assert all("16 rows padded" in v for v in rep["summary"]["plan"].values())
+    assert "batch-invariant kernels" in rep["summary"]["exactness"]
+
+
+@pytest.mark.parametrize("extra, needle", [(["--contract", "bogus"], "--contract"),
+                                           (["--audit-every", "0"], "--audit-every"),
+                                           (["--policy", "always", "--contract", "batch-invariant"],
+                                            "batch-invariant")])
+def test_cli_contract_and_audit_bad_input(prompts_file, tiny_model_dir, extra, needle) -> None:
+    result = _invoke(_base(prompts_file, tiny_model_dir) + extra)
+    assert result.exit_code == 2, result.output
+    assert needle in _stderr(result)
