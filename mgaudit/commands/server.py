@@ -60,3 +60,8 @@ def register(app: typer.Typer) -> None:
             console.out.print(f"llama-server ready: {srv.url} ({slots} slots, {srv.threads} threads); Ctrl-C stops it")
             while srv.proc is not None and srv.proc.poll() is None:
                 time.sleep(0.5)
+            code = srv.proc.returncode if srv.proc is not None else None
+        if code:
+            from ..endpoint.llama_server import ServerBuildError
+
+            raise ServerBuildError(f"llama-server exited with code {code}")

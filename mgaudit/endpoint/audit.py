@@ -288,7 +288,11 @@ async def _solo(client: EndpointClient, spec: RequestSpec) -> Completion:
 async def _group(client: EndpointClient, specs: list[RequestSpec]) -> tuple[list[Completion], float]:
     """Send all requests of a group at once; each runs while the others are in flight."""
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(client.complete(s) for s in specs))
+    # every member runs to its end (no orphaned task logs an unretrieved error); then the first error is raised
+    results = await asyncio.gather(*(client.complete(s) for s in specs), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
     return list(results), time.perf_counter() - t0
 
 
@@ -613,9 +617,12 @@ def scan_endpoint(config: EndpointScanConfig, progress=None,
 # --------------------------------------------------------------------------- verify
 
 
-def _token_text(tok: Any, t: int | None) -> str | None:
-    if t is None:
+def _token_text(tok: Any, c: Completion, i: int) -> str | None:
+    if i >= len(c):
         return None
+    if c.pieces is not None and i < len(c.pieces):
+        return c.pieces[i]
+    t = c.tokens[i]
     if tok is not None and 0 <= t < len(tok):
         return tok.decode([t])
     return None
@@ -638,7 +645,7 @@ def _compare(pid: str, solo: Completion, loaded: Completion, tok: Any) -> dict[s
 
         st, lt = at(solo, first, solo.tokens), at(loaded, first, loaded.tokens)
         rec.update({"solo_token": st, "loaded_token": lt,
-                    "solo_text": _token_text(tok, st), "loaded_text": _token_text(tok, lt),
+                    "solo_text": _token_text(tok, solo, first), "loaded_text": _token_text(tok, loaded, first),
                     "solo_margin": margin(solo, first), "loaded_margin": margin(loaded, first)})
     return rec
 

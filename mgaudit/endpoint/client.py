@@ -70,6 +70,7 @@ class Completion:
     cached_tokens: int | None = None
     prompt_tokens: int | None = None
     started: float = 0.0  # perf_counter at send (for overlap accounting)
+    pieces: list[str] | None = None  # the server's text of each token, where it sends it
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -266,6 +267,18 @@ def parse_choice(choice: dict[str, Any], tokens_only: bool, token_map: TokenMap,
         top2 = [math.nan] * len(ids)
         runner = [-1] * len(ids)
     return ids, top1, top2, runner
+
+
+def token_pieces(choice: dict[str, Any]) -> list[str] | None:
+    """The text of each generated token as the server sent it (None where it sent none)."""
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict):
+        return None
+    if isinstance(lp.get("content"), list):
+        return [str(step.get("token", "")) if isinstance(step, dict) else "" for step in lp["content"]]
+    if isinstance(lp.get("tokens"), list):
+        return [str(t) for t in lp["tokens"]]
+    return None
 
 
 def logprob_precision(values: list[float]) -> dict[str, Any]:
@@ -470,7 +483,7 @@ class EndpointClient:
         details = usage.get("prompt_tokens_details") or {}
         return Completion(ids, t1, t2, ru, text, choice.get("finish_reason"), seconds, attempts,
                           details.get("cached_tokens") if isinstance(details, dict) else None,
-                          usage.get("prompt_tokens"), started)
+                          usage.get("prompt_tokens"), started, token_pieces(choice))
 
 
 def _engine_headers(headers: dict[str, str]) -> dict[str, str]:
