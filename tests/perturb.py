@@ -29,3 +29,20 @@ def flip_logits_at(monkeypatch, call: int) -> dict:
 
     monkeypatch.setattr(gated, "_forward_last", wrapper)
     return state
+
+
+def after_batched_forward(monkeypatch, touch) -> dict:
+    """After every batched decode forward, call ``touch(cache)`` (a perturbation of the fast path
+    that stays in the K/V cache); returns a dict counting the calls."""
+    orig = gated._forward_last
+    state = {"calls": 0}
+
+    def wrapper(model, input_ids, attention_mask, position_ids, cache):
+        logits = orig(model, input_ids, attention_mask, position_ids, cache)
+        if is_batched_step(input_ids):
+            touch(cache)
+            state["calls"] += 1
+        return logits
+
+    monkeypatch.setattr(gated, "_forward_last", wrapper)
+    return state

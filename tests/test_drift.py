@@ -17,7 +17,7 @@ from mgaudit.gated import DecodePolicy, decode, reference_decode
 from mgaudit.invariance import (LayoutResult, OpResult, ProbeReport, decode_kernels, find_ops, plan_for,
                                 probe)
 from mgaudit.prompts import encode_prompt, load_prompts
-from perturb import is_batched_step
+from perturb import after_batched_forward
 
 N, MAX_NEW = 8, 14
 _LINEAR = torch.nn.functional.linear  # the real kernel, kept before any test patches it
@@ -158,20 +158,12 @@ def test_decode_kernels_restores_every_module(setup) -> None:
 def _nudge_kv(monkeypatch) -> dict:
     """After every batched fast-path forward, move one element of row 0's new K column by one
     bf16 ulp in every layer: a persistent perturbation the K/V cache keeps."""
-    orig = gated._forward_last
-    state = {"calls": 0}
 
-    def wrapper(model, input_ids, attention_mask, position_ids, cache):
-        logits = orig(model, input_ids, attention_mask, position_ids, cache)
-        if is_batched_step(input_ids):
-            for layer in cache.layers:
-                k = layer.keys[0, 0, -1]
-                k.view(torch.int16)[0] += 1
-            state["calls"] += 1
-        return logits
+    def touch(cache):
+        for layer in cache.layers:
+            layer.keys[0, 0, -1].view(torch.int16)[0] += 1
 
-    monkeypatch.setattr(gated, "_forward_last", wrapper)
-    return state
+    return after_batched_forward(monkeypatch, touch)
 
 
 @pytest.mark.parametrize("batch_size", [4, 8])

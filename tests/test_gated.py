@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mgaudit.gated as gated
-from perturb import flip_logits_at, is_batched_step
+from perturb import after_batched_forward, flip_logits_at
 import mgaudit.invariance as invariance
 import mgaudit.ragged as ragged
 from mgaudit.engine import solo_decode
@@ -248,19 +248,12 @@ def test_without_a_verifier_the_flip_shows(setup, monkeypatch, policy) -> None:
 
 def _corrupt_kv(monkeypatch, noise: float = 1.0) -> dict:
     """After every batched decode forward, add ``noise`` to row 0's new K column, every layer."""
-    orig = gated._forward_last
-    state = {"calls": 0}
 
-    def wrapper(model, input_ids, attention_mask, position_ids, cache):
-        logits = orig(model, input_ids, attention_mask, position_ids, cache)
-        if is_batched_step(input_ids):
-            for layer in cache.layers:
-                layer.keys[0, :, -1] += noise
-            state["calls"] += 1
-        return logits
+    def touch(cache):
+        for layer in cache.layers:
+            layer.keys[0, :, -1] += noise
 
-    monkeypatch.setattr(gated, "_forward_last", wrapper)
-    return state
+    return after_batched_forward(monkeypatch, touch)
 
 
 @pytest.mark.parametrize("batch_size", [2, 4, 8])
