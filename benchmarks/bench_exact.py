@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-out/bench_exact.json"))
     args = ap.parse_args(argv)
 
-    import torch
+
 
     from mgaudit.gated import DecodePolicy, decode, reference_decode
     from mgaudit.invariance import cpu_identity, probe

@@ -237,7 +237,7 @@ def decode_batch(
     st = _Batch(model, prompts, policy, plan, verifier_plan, max_new_tokens, eos_ids, pad_id, keep_logits,
                 row_offset)
     device, bsz = st.device, st.bsz
-    results, starts, lengths, width = st.results, st.starts, st.lengths, st.width
+    results, starts, lengths = st.results, st.starts, st.lengths
 
     if not policy.solo_prefill:
         # generate-style batched prefill; the decode below continues on its cache

@@ -10,8 +10,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import mgaudit.gated as gated
-import mgaudit.invariance as invariance
 from mgaudit.engine import solo_decode
 from mgaudit.gated import DecodePolicy, decode, reference_decode
 from mgaudit.invariance import (LayoutResult, OpResult, ProbeReport, decode_kernels, find_ops, plan_for,

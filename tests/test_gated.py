@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import mgaudit.gated as gated
 from perturb import after_batched_forward, flip_logits_at
 import mgaudit.invariance as invariance
 import mgaudit.ragged as ragged
