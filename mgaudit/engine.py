@@ -56,14 +56,30 @@ def top2_stats(logits: torch.Tensor) -> tuple[list[int], list[int], list[float],
     return token.tolist(), runner.tolist(), top1.tolist(), top2.tolist()
 
 
+def _cache_kwarg(model) -> str:
+    """The name the model's forward takes its K/V cache under: ``cache`` from transformers 5.24
+    (``past_key_values`` still works there, with a deprecation warning), ``past_key_values`` before."""
+    cls = type(model)
+    name = _CACHE_KWARG.get(cls)
+    if name is None:
+        import inspect
+
+        params = inspect.signature(cls.forward).parameters
+        name = _CACHE_KWARG[cls] = "cache" if "cache" in params else "past_key_values"
+    return name
+
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
 def _forward_last(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **{_cache_kwarg(model): cache},
     )
     return out.logits[:, -1, :]
 
