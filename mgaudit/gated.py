@@ -448,6 +448,12 @@ def decode(
         report = probe_report
         if report is None:
             report = probe(model, max(rows, 2))
+        if policy.contract == "batch-invariant" and report is not None:
+            bad = [o.key for o in report.ops if o.fixed_rows_ok is False]
+            if bad:
+                raise UsageError(f"the batch-invariant kernels are not batch-invariant on this machine: in a "
+                                 f"{report.fixed_rows}-row product a row's result depends on its position or on "
+                                 f"the other rows for {', '.join(bad)}", hint="use the solo contract")
         plan = plan_for(report, rows, max_rows=policy.max_rows, contract=policy.contract, model=model)
         evidence = report.summary() if report is not None else None
     t0 = time.perf_counter()
