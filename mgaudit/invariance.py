@@ -289,7 +289,7 @@ def machine_fingerprint(model) -> dict[str, Any]:
     p = next(model.parameters())
     dev = p.device
     fp: dict[str, Any] = {
-        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        "model": type(model).__name__,  # the weights digest below identifies the model (not its path)
         "weights": _weights_digest(model),
         "dtype": str(p.dtype).replace("torch.", ""),
         "device": dev.type,
