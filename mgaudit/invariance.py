@@ -326,7 +326,8 @@ def _weights_digest(model) -> str:
         h.update(name.encode())
         flat = t.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes()
         h.update(flat)
-    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}  # no local paths
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 
