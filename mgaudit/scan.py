@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 from .errors import OutputError, UsageError
 from .progress import Stage, as_callback
-from .traces import (atomic_write_json, atomic_write_table, check_output_dir, is_mgaudit_trace, rows_to_table,
-                     stale_temp_files, trace_files)
+from .traces import (atomic_write_json, atomic_write_table, check_output_dir, is_mgaudit_trace, pair_rows,
+                     rows_to_table, solo_rows, stale_temp_files, trace_files)
 
 SOLO_CHUNK = 8
 MANIFEST = "_scan.json"
@@ -291,7 +291,7 @@ def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = 
             continue
         rows = []
         for i in payload:
-            rows.extend(_solo_rows(prompts[i].id, index[i], len(encoded[i]), solos[i]))
+            rows.extend(solo_rows(prompts[i].id, index[i], len(encoded[i]), solos[i]))
         atomic_write_table(path, rows_to_table(rows, provenance))
         written += 1
 
@@ -308,13 +308,13 @@ def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = 
                                  forced=[r.tokens for r in refs], reference=refs)
             for row in range(owned):
                 i = members[row]
-                rows.extend(_pair_rows("sync", prompts[i].id, index[i], b, g, row, width - len(batch_ids[row]),
+                rows.extend(pair_rows("sync", prompts[i].id, index[i], b, g, row, width - len(batch_ids[row]),
                                        len(batch_ids[row]), refs[row], sync[row]))
         if "free" in config.modes:
             free = padded_decode(lm.model, batch_ids, config.max_new_tokens, eos, pad, reference=refs)
             for row in range(owned):
                 i = members[row]
-                rows.extend(_pair_rows("free", prompts[i].id, index[i], b, g, row, width - len(batch_ids[row]),
+                rows.extend(pair_rows("free", prompts[i].id, index[i], b, g, row, width - len(batch_ids[row]),
                                        len(batch_ids[row]), refs[row], free[row]))
         atomic_write_table(path, rows_to_table(rows, provenance))
         written += 1
@@ -328,52 +328,3 @@ def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = 
     return ScanResult(out, summary, written, skipped, time.perf_counter() - t0)
 
 
-NAN = float("nan")
-
-
-def _solo_rows(pid: str, index: int, plen: int, r) -> list[dict[str, Any]]:
-    rows = []
-    for t in range(len(r)):
-        m = r.top1[t] - r.top2[t]
-        rows.append({
-            "prompt_id": pid, "prompt_index": index, "batch_size": 1, "mode": "solo", "batch_index": index,
-            "row": 0, "pad_len": 0, "prompt_len": plen, "step": t,
-            "solo_token": r.tokens[t], "batched_token": r.tokens[t],
-            "solo_runner_up": r.runner_up[t], "batched_runner_up": r.runner_up[t],
-            "solo_top1_logit": r.top1[t], "solo_top2_logit": r.top2[t],
-            "batched_top1_logit": r.top1[t], "batched_top2_logit": r.top2[t],
-            "solo_margin": m, "batched_margin": m, "flip": False, "prefix_match": True, "first_divergence": False,
-            "max_abs_logit_diff": None,
-        })
-    return rows
-
-
-def _pair_rows(mode, pid, index, bsz, group, row, pad_len, plen, solo, batched) -> list[dict[str, Any]]:
-    """Rows comparing a solo trace with a batched one, step by step.
-
-    Past the end of one side (it emitted EOS earlier) its token is -1 and its
-    logits NaN, so ``flip`` stays ``solo_token != batched_token``.
-    """
-    rows = []
-    prefix = True
-    for t in range(max(len(solo), len(batched))):
-        s_ok, b_ok = t < len(solo), t < len(batched)
-        st = solo.tokens[t] if s_ok else -1
-        bt = batched.tokens[t] if b_ok else -1
-        s1, s2 = (solo.top1[t], solo.top2[t]) if s_ok else (NAN, NAN)
-        b1, b2 = (batched.top1[t], batched.top2[t]) if b_ok else (NAN, NAN)
-        flip, matched = st != bt, prefix and s_ok and b_ok
-        rows.append({
-            "prompt_id": pid, "prompt_index": index, "batch_size": bsz, "mode": mode, "batch_index": group,
-            "row": row, "pad_len": pad_len, "prompt_len": plen, "step": t,
-            "solo_token": st, "batched_token": bt,
-            "solo_runner_up": solo.runner_up[t] if s_ok else -1,
-            "batched_runner_up": batched.runner_up[t] if b_ok else -1,
-            "solo_top1_logit": s1, "solo_top2_logit": s2, "batched_top1_logit": b1, "batched_top2_logit": b2,
-            "solo_margin": s1 - s2, "batched_margin": b1 - b2, "flip": flip,
-            "prefix_match": matched, "first_divergence": flip and matched,
-            "max_abs_logit_diff": batched.max_abs_diff[t] if (b_ok and prefix) else None,
-        })
-        if mode != "sync":  # teacher forcing keeps the prefixes equal
-            prefix = prefix and st == bt
-    return rows

@@ -275,3 +275,68 @@ def check_same_model(a: dict[str, Any], b: dict[str, Any], where: str) -> None:
             f"({ma.get('name')} {ma.get('dtype')} vs {mb.get('name')} {mb.get('dtype')})",
             hint="calibrate on traces of one model and dtype",
         )
+
+
+# --------------------------------------------------------------------------- row builders
+
+
+NAN = float("nan")
+
+
+def solo_rows(pid: str, index: int, plen: int, r) -> list[dict[str, Any]]:
+    """Rows of a solo reference (``r`` has ``tokens``, ``runner_up``, ``top1``, ``top2``), batched = solo."""
+    rows = []
+    for t in range(len(r)):
+        m = r.top1[t] - r.top2[t]
+        rows.append({
+            "prompt_id": pid, "prompt_index": index, "batch_size": 1, "mode": "solo", "batch_index": index,
+            "row": 0, "pad_len": 0, "prompt_len": plen, "step": t,
+            "solo_token": r.tokens[t], "batched_token": r.tokens[t],
+            "solo_runner_up": r.runner_up[t], "batched_runner_up": r.runner_up[t],
+            "solo_top1_logit": r.top1[t], "solo_top2_logit": r.top2[t],
+            "batched_top1_logit": r.top1[t], "batched_top2_logit": r.top2[t],
+            "solo_margin": m, "batched_margin": m, "flip": False, "prefix_match": True, "first_divergence": False,
+            "max_abs_logit_diff": None,
+        })
+    return rows
+
+
+def pair_rows(mode, pid, index, bsz, group, row, pad_len, plen, solo, batched) -> list[dict[str, Any]]:
+    """Rows comparing a solo trace with a batched one, step by step.
+
+    Past the end of one side (it emitted EOS earlier) its token is -1 and its
+    logits NaN, so ``flip`` stays ``solo_token != batched_token``. ``max_abs_logit_diff`` comes
+    from ``batched.max_abs_diff`` where the run recorded it (an endpoint cannot: None).
+    """
+    diffs = getattr(batched, "max_abs_diff", None)
+    rows = []
+    prefix = True
+    for t in range(max(len(solo), len(batched))):
+        s_ok, b_ok = t < len(solo), t < len(batched)
+        st = solo.tokens[t] if s_ok else -1
+        bt = batched.tokens[t] if b_ok else -1
+        s1, s2 = (solo.top1[t], solo.top2[t]) if s_ok else (NAN, NAN)
+        b1, b2 = (batched.top1[t], batched.top2[t]) if b_ok else (NAN, NAN)
+        flip, matched = st != bt, prefix and s_ok and b_ok
+        rows.append({
+            "prompt_id": pid, "prompt_index": index, "batch_size": bsz, "mode": mode, "batch_index": group,
+            "row": row, "pad_len": pad_len, "prompt_len": plen, "step": t,
+            "solo_token": st, "batched_token": bt,
+            "solo_runner_up": solo.runner_up[t] if s_ok else -1,
+            "batched_runner_up": batched.runner_up[t] if b_ok else -1,
+            "solo_top1_logit": s1, "solo_top2_logit": s2, "batched_top1_logit": b1, "batched_top2_logit": b2,
+            "solo_margin": s1 - s2, "batched_margin": b1 - b2, "flip": flip,
+            "prefix_match": matched, "first_divergence": flip and matched,
+            "max_abs_logit_diff": diffs[t] if (diffs is not None and b_ok and prefix) else None,
+        })
+        if mode != "sync":  # teacher forcing keeps the prefixes equal
+            prefix = prefix and st == bt
+    return rows
+
+
+def first_divergence(solo: list[int], other: list[int]) -> int | None:
+    """The first step where two token sequences differ (a shorter one differs where it ends); None if equal."""
+    first = next((i for i in range(min(len(solo), len(other))) if solo[i] != other[i]), None)
+    if first is None and len(solo) != len(other):
+        first = min(len(solo), len(other))
+    return first

@@ -123,10 +123,10 @@ def exactness_statement(policy, out, summary: dict[str, Any]) -> str:
 def compare(pid: str, solo, gated, tokenizer) -> dict[str, Any]:
     """A per-sequence record: identical or not, where the first difference is, and both token lists
     (``solo_tokens``, ``policy_tokens``) so a failure can be debugged from the report alone."""
+    from .traces import first_divergence
+
     s, g = solo.tokens, gated.tokens
-    first = next((i for i in range(min(len(s), len(g))) if s[i] != g[i]), None)
-    if first is None and len(s) != len(g):
-        first = min(len(s), len(g))
+    first = first_divergence(s, g)
     rec: dict[str, Any] = {
         "prompt_id": pid,
         "identical": first is None,

@@ -43,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import traces
 from ..errors import OutputError, TraceError, UsageError
 from ..progress import Stage, as_callback
 from ..scan import batch_groups
@@ -217,60 +218,12 @@ def _text_to_ids(tok) -> Callable[[str], list[int]] | None:
 # --------------------------------------------------------------------------- rows
 
 
-def _solo_rows(pid: str, index: int, plen: int, c: Completion) -> list[dict[str, Any]]:
-    rows = []
-    for t in range(len(c)):
-        m = c.top1[t] - c.top2[t]
-        rows.append({
-            "prompt_id": pid, "prompt_index": index, "batch_size": 1, "mode": "solo", "batch_index": index,
-            "row": 0, "pad_len": 0, "prompt_len": plen, "step": t,
-            "solo_token": c.tokens[t], "batched_token": c.tokens[t],
-            "solo_runner_up": c.runner_up[t], "batched_runner_up": c.runner_up[t],
-            "solo_top1_logit": c.top1[t], "solo_top2_logit": c.top2[t],
-            "batched_top1_logit": c.top1[t], "batched_top2_logit": c.top2[t],
-            "solo_margin": m, "batched_margin": m, "flip": False, "prefix_match": True,
-            "first_divergence": False, "max_abs_logit_diff": None,
-        })
-    return rows
-
-
 def pair_rows(pid: str, index: int, bsz: int, group: int, row: int, plen: int,
               solo: Completion, other: Completion) -> list[dict[str, Any]]:
-    """Free rows over both sequences, then sync rows for the steps up to the first divergence."""
-    nan = math.nan
-    free, sync = [], []
-    prefix = True
-    for t in range(max(len(solo), len(other))):
-        s_ok, b_ok = t < len(solo), t < len(other)
-        st = solo.tokens[t] if s_ok else -1
-        bt = other.tokens[t] if b_ok else -1
-        s1, s2 = (solo.top1[t], solo.top2[t]) if s_ok else (nan, nan)
-        b1, b2 = (other.top1[t], other.top2[t]) if b_ok else (nan, nan)
-        r = {
-            "prompt_id": pid, "prompt_index": index, "batch_size": bsz, "mode": "free", "batch_index": group,
-            "row": row, "pad_len": 0, "prompt_len": plen, "step": t,
-            "solo_token": st, "batched_token": bt,
-            "solo_runner_up": solo.runner_up[t] if s_ok else -1,
-            "batched_runner_up": other.runner_up[t] if b_ok else -1,
-            "solo_top1_logit": s1, "solo_top2_logit": s2, "batched_top1_logit": b1, "batched_top2_logit": b2,
-            "solo_margin": s1 - s2, "batched_margin": b1 - b2, "flip": st != bt,
-            "prefix_match": prefix and s_ok and b_ok, "max_abs_logit_diff": None,
-        }
-        r["first_divergence"] = r["flip"] and r["prefix_match"]
-        free.append(r)
-        if prefix and s_ok and b_ok:
-            sync.append({**r, "mode": "sync"})
-        prefix = prefix and st == bt
-        if not (s_ok and b_ok):
-            prefix = False
-    return free + sync
-
-
-def _first_divergence(a: list[int], b: list[int]) -> int | None:
-    first = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None)
-    if first is None and len(a) != len(b):
-        first = min(len(a), len(b))
-    return first
+    """Free rows over both sequences, then sync rows for the steps up to the first divergence
+    (a server cannot be teacher-forced: nothing after it is compared)."""
+    free = traces.pair_rows("free", pid, index, bsz, group, row, 0, plen, solo, other)
+    return free + [{**r, "mode": "sync"} for r in free if r["prefix_match"]]
 
 
 def _request_meta(pid: str, c: Completion) -> dict[str, Any]:
@@ -550,7 +503,7 @@ async def _scan_async(config: EndpointScanConfig, progress, log: Callable[[str],
             for i in idx:
                 c = await _solo(client, with_cache(prep.specs[i], info, False))
                 comps.append(c)
-                rows.extend(_solo_rows(prep.prompts[i].id, i, plen(i, c), c))
+                rows.extend(traces.solo_rows(prep.prompts[i].id, i, plen(i, c), c))
                 st_solo.advance()
             unit = {"kind": "solo", "batch_size": 1, "seconds": time.perf_counter() - t1,
                     "requests": [_request_meta(prep.prompts[i].id, c) for i, c in zip(idx, comps)]}
@@ -629,7 +582,7 @@ def _token_text(tok: Any, c: Completion, i: int) -> str | None:
 
 
 def _compare(pid: str, solo: Completion, loaded: Completion, tok: Any) -> dict[str, Any]:
-    first = _first_divergence(solo.tokens, loaded.tokens)
+    first = traces.first_divergence(solo.tokens, loaded.tokens)
     rec: dict[str, Any] = {"prompt_id": pid, "identical": first is None, "steps": len(loaded),
                            "solo_steps": len(solo), "first_divergence": first,
                            "solo_finish_reason": solo.finish_reason, "loaded_finish_reason": loaded.finish_reason}
