@@ -174,9 +174,8 @@ def _truncated_copy(model, cache, drop: int = 1):
 class _Batch:
     """The state of one batch being decoded; the loop below is the only thing that advances it."""
 
-    def __init__(self, model, prompts, policy, plan, verifier_plan, max_new_tokens, eos_ids, pad_id,
-                 keep_logits, row_offset):
-        self.model, self.policy, self.plan, self.verifier_plan = model, policy, plan, verifier_plan
+    def __init__(self, model, prompts, verifier_plan, max_new_tokens, eos_ids, pad_id, keep_logits, row_offset):
+        self.model, self.verifier_plan = model, verifier_plan
         self.device = model.device
         self.bsz = len(prompts)
         self.eos = set(int(e) for e in eos_ids)
@@ -234,8 +233,7 @@ def decode_batch(
             plan = Plan()
     # the verifier runs one row through the kernels of the contract
     verifier_plan = fixed if fixed is not None else Plan()
-    st = _Batch(model, prompts, policy, plan, verifier_plan, max_new_tokens, eos_ids, pad_id, keep_logits,
-                row_offset)
+    st = _Batch(model, prompts, verifier_plan, max_new_tokens, eos_ids, pad_id, keep_logits, row_offset)
     device, bsz = st.device, st.bsz
     results, starts, lengths = st.results, st.starts, st.lengths
 

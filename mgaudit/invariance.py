@@ -42,9 +42,9 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import platform
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -84,8 +84,19 @@ def _norm_like(module) -> bool:
     return isinstance(module, torch.nn.LayerNorm) or name.endswith("RMSNorm") or name.endswith("LayerNorm")
 
 
+_ops_of: "weakref.WeakKeyDictionary[Any, list[Op]]" = weakref.WeakKeyDictionary()
+
+
 def find_ops(model) -> list[Op]:
-    """Every distinct op a decode step applies to all rows at once, with the modules that run it."""
+    """Every distinct op a decode step applies to all rows at once, with the modules that run it
+    (found once per model: :func:`decode_kernels` asks on every decode step)."""
+    found = _ops_of.get(model)
+    if found is None:
+        found = _ops_of[model] = _scan_ops(model)
+    return found
+
+
+def _scan_ops(model) -> list[Op]:
     ops: dict[str, Op] = {}
 
     def add(key, kind, module, width):
@@ -147,7 +158,7 @@ class _Pool:
         self.real = real
         self.gen = gen
 
-    def rows(self, op: Op, n: int, like: torch.Tensor | None, device, dtype) -> torch.Tensor:
+    def rows(self, op: Op, n: int, device, dtype) -> torch.Tensor:
         if op.kind in ("embedding",):
             return torch.randint(0, op.width, (n,), generator=self.gen).to(device)
         if op.kind == "rotary":
@@ -160,7 +171,7 @@ class _Pool:
             scale = real.float().pow(2).mean().sqrt().item() or 1.0
         else:
             scale = 1.0
-        width = like.shape[-1] if like is not None else (real.shape[-1] if real is not None else op.width)
+        width = real.shape[-1] if real is not None else op.width
         factors = torch.exp(torch.randn(n, 1, generator=self.gen))  # log-normal spread of row scales
         rnd = (torch.randn(n, width, generator=self.gen) * factors * scale).to(device=device, dtype=dtype)
         out.append(rnd)
@@ -376,7 +387,7 @@ def probe_op(op: Op, pool: _Pool, up_to: int, layouts=LAYOUTS, fixed_rows: int |
     layouts = layouts if op.kind == "linear" else ("batched",)
     # One-row results for a shared pool of rows: every M-row product below is checked against them.
     n_pool = max(2 * up_to, 64)
-    x = pool.rows(op, n_pool, None, device, dtype)
+    x = pool.rows(op, n_pool, device, dtype)
     solo = torch.cat([_apply(op, module, x[i:i + 1]) for i in range(n_pool)])
     out_per_row = solo.shape[-1]
     gen = pool.gen
@@ -666,7 +677,3 @@ def invariant_rows(model, up_to: int, seed: int = 0) -> int:
     rep = probe(model, up_to, seed=seed)
     lim = [o.layouts[0].limit for o in rep.ops if o.kind == "linear"]
     return max(1, min([up_to] + lim))
-
-
-def probe_env_disabled() -> bool:
-    return os.environ.get("MGAUDIT_NO_PROBE_CACHE", "") not in ("", "0")
