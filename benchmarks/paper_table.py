@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 
     from mgaudit.calibrate import CalibrateConfig, calibrate
     from mgaudit.engine import solo_decode
-    from mgaudit.errors import TraceError
+    from mgaudit.errors import NoFlipsError
     from mgaudit.gated import DecodePolicy, decode
     from mgaudit.models import load_model
     from mgaudit.prompts import encode_prompt, load_prompts
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                                   eval_traces=[args.out / f"traces-{s}" for s in sets if s != args.calibrate_on])
         try:
             cal = calibrate(cal_cfg)
-        except TraceError as exc:  # no flips to fit on: fall back to the perturbation bound
+        except NoFlipsError as exc:  # no flips to fit on: fall back to the perturbation bound
             log(f"{exc.message}; using --method bound")
             cal_cfg.method = "bound"
             cal = calibrate(cal_cfg)

@@ -145,7 +145,7 @@ class Capabilities:
             return None
         works = ", ".join(self.policies)
         always = "always works" if "always" in self.exact_policies else "always does not either"
-        return (f"--policy {policy} cannot be exact on this {self.model_type} model: {f.describe()} "
+        return (f"policy {policy} cannot be exact on this {self.model_type} model: {f.describe()} "
                 f"({f.spec.how}); policies that work: {works} ({always})")
 
     def verdict(self) -> str:

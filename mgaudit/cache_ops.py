@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .engine import new_cache
+from .decoding.step import new_cache
 
 
 def cache_layers(cache):
@@ -88,27 +88,42 @@ def _full_cache():
     return DynamicCache()  # DynamicLayer in every layer, created on update
 
 
-def pad_cache_left(model, solo_caches: Sequence[Any], lengths: Sequence[int]):
+def pad_cache_left(model, solo_caches: Sequence[Any], lengths: Sequence[int], margin: int = 0):
     """One left-padded batch cache from per-row batch-1 caches (pads are zeros).
 
+    ``margin`` extra zero columns go in front of every row (the batch-invariant attention pads
+    each row to a multiple of its bucket from them).
     Every layer of the result is a full-length ``DynamicLayer`` (``width`` columns), also
     for the model's sliding-window layers: ragged attention applies the windows. Columns
     a solo sliding layer no longer held are zeros (outside every later window).
     """
-    cache = _full_cache()
-    width = max(lengths)
     n_layers = len(cache_layers(solo_caches[0]))
-    for i in range(n_layers):
-        layers = [cache_layers(c)[i] for c in solo_caches]
-        k0 = layers[0].keys
-        K = k0.new_zeros((len(layers), k0.shape[1], width, k0.shape[3]))
-        V = layers[0].values.new_zeros((len(layers), layers[0].values.shape[1], width, layers[0].values.shape[3]))
-        for b, (layer, n) in enumerate(zip(layers, lengths)):
+    rows = []
+    for b, (c, n) in enumerate(zip(solo_caches, lengths)):
+        row = []
+        for i, layer in enumerate(cache_layers(c)):
             first, end = layer_span(layer)
             if end != n:
                 raise RuntimeError(f"layer {i} of row {b}'s cache has seen {end} columns, expected {n}")
-            K[b, :, width - n + first:] = layer.keys[0]
-            V[b, :, width - n + first:] = layer.values[0]
+            row.append((layer.keys, layer.values, first))
+        rows.append(row)
+    return pad_columns_left(rows, lengths, margin, n_layers)
+
+
+def pad_columns_left(rows: Sequence[Sequence[tuple[Any, Any, int]]], lengths: Sequence[int], margin: int = 0,
+                     n_layers: int | None = None):
+    """One left-padded batch cache (zeros in front) from per row, per layer ``(K, V, first)``: the
+    row's batch-1 K/V tensors holding its columns ``first..length``."""
+    cache = _full_cache()
+    width = max(lengths) + margin
+    for i in range(n_layers if n_layers is not None else len(rows[0])):
+        k0, v0 = rows[0][i][0], rows[0][i][1]
+        K = k0.new_zeros((len(rows), k0.shape[1], width, k0.shape[3]))
+        V = v0.new_zeros((len(rows), v0.shape[1], width, v0.shape[3]))
+        for b, (row, n) in enumerate(zip(rows, lengths)):
+            k, v, first = row[i]
+            K[b, :, width - n + first:] = k[0]
+            V[b, :, width - n + first:] = v[0]
         cache.update(K, V, i)
     return cache
 

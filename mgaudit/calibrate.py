@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import __version__
-from .errors import GateError, OutputError, TraceError, UsageError, json_error_text
+from .errors import GateError, NoFlipsError, OutputError, TraceError, UsageError, json_error_text
 from .traces import atomic_write_json, check_output_file, check_same_model, read_traces, trace_files
 
 GATE_FORMAT = "mgaudit.gate"
@@ -79,20 +79,20 @@ class CalibrateConfig:
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise UsageError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+            raise UsageError(f"`method` must be one of {', '.join(METHODS)}, not {self.method!r}")
         if not _finite(self.target_recall) or not 0.0 < self.target_recall <= 1.0:
-            raise UsageError(f"--target-recall must be in (0, 1], not {self.target_recall}")
+            raise UsageError(f"`target_recall` must be in (0, 1], not {self.target_recall}")
         if not _finite(self.safety) or self.safety < 0.0:
-            raise UsageError(f"--safety must be a finite number >= 0, not {self.safety}")
+            raise UsageError(f"`safety` must be a finite number >= 0, not {self.safety}")
         if not _finite(self.bound_quantile) or not 0.0 < self.bound_quantile <= 1.0:
-            raise UsageError(f"--bound-quantile must be in (0, 1], not {self.bound_quantile}")
+            raise UsageError(f"`bound_quantile` must be in (0, 1], not {self.bound_quantile}")
         if not _finite(self.bound_factor) or self.bound_factor <= 0.0:
-            raise UsageError(f"--bound-factor must be a finite number > 0, not {self.bound_factor}")
+            raise UsageError(f"`bound_factor` must be a finite number > 0, not {self.bound_factor}")
         if self.batch_sizes is not None and any(int(b) < 1 for b in self.batch_sizes):
-            raise UsageError(f"--batch-size values must be >= 1, not {list(self.batch_sizes)}")
+            raise UsageError(f"`batch_size` values must be >= 1, not {list(self.batch_sizes)}")
         if not self.traces:
             raise TraceError("no trace paths given", hint="give one or more directories written by `mgaudit scan`")
-        for flag, p in (("--out", self.out), ("--plot", self.plot)):
+        for flag, p in (("`out`", self.out), ("`plot`", self.plot)):
             if p is not None and Path(p).is_dir():
                 raise OutputError(f"{flag} {p} is a directory", hint=f"give a file path such as {Path(p) / _default_name(flag)}")
         for what, p in (("gate file", self.out), ("plot file", self.plot)):
@@ -209,7 +209,7 @@ def load_traces(paths: Sequence[Path], batch_sizes: Iterable[int] | None = None,
         table = table.filter(pc.is_in(table["batch_size"], value_set=pa.array(keep, pa.int32())))
         if table.num_rows == 0:
             raise TraceError(f"{label}: no synchronous steps at batch size(s) {', '.join(map(str, keep))}",
-                             hint="check --batch-size against the batch sizes scanned")
+                             hint="check `batch_size` against the batch sizes scanned")
     return table, provenance or {}, label
 
 
@@ -336,10 +336,9 @@ def calibrate(config: CalibrateConfig) -> CalibrationResult:
         recall_tau = float32_up(raw + config.safety)
         fit.update(recall_fit=raw, recall_edge_margin=edge)
     elif config.method == "recall":
-        raise TraceError(
+        raise NoFlipsError(
             f"no flips in {margins.size} synchronous steps of {label}: nothing to fit; scan more prompts, "
-            "more tokens or larger batch sizes, or use --method bound"
-        )
+            "more tokens or larger batch sizes, or use `method` bound", steps=int(margins.size), label=str(label))
     diff = table["max_abs_logit_diff"].to_numpy(zero_copy_only=False)
     try:
         bound_tau, b = fit_bound(np.asarray(diff, dtype=np.float64), config.bound_quantile, config.bound_factor)
@@ -348,7 +347,7 @@ def calibrate(config: CalibrateConfig) -> CalibrationResult:
     except ValueError:
         if config.method == "bound":
             raise TraceError(f"{label}: no max_abs_logit_diff recorded in the synchronous steps: "
-                             "cannot fit --method bound", hint="use --method recall") from None
+                             "cannot fit `method` bound", hint="use `method` recall") from None
 
     threshold = recall_tau if config.method == "recall" else bound_tau
     assert threshold is not None
@@ -389,7 +388,7 @@ def calibrate(config: CalibrateConfig) -> CalibrationResult:
 def load_gate(path: Path) -> dict[str, Any]:
     """Read and check a gate.json; GateError (one line) for anything unusable."""
     path = Path(path)
-    hint = "write one with `mgaudit calibrate TRACES --out gate.json`"
+    hint = "fit one with calibrate (its `out` file)"
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -524,7 +523,7 @@ def _finite(x: Any) -> bool:
 
 
 def _default_name(flag: str) -> str:
-    return "gate.json" if flag == "--out" else "calibration.png"
+    return "gate.json" if flag == "`out`" else "calibration.png"
 
 
 def _jsonable(obj: Any) -> Any:

@@ -58,7 +58,7 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
 
 def run_demo(config: DemoConfig, progress=None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     from .calibrate import CalibrateConfig, calibrate
-    from .errors import TraceError
+    from .errors import NoFlipsError
     from .models import load_model
     from .scan import ScanConfig, scan
     from .traces import check_output_dir
@@ -80,10 +80,8 @@ def run_demo(config: DemoConfig, progress=None, log: Callable[[str], None] | Non
     cal_cfg = CalibrateConfig(traces=[traces], out=gate_path, plot=out / "calibration.png")
     try:
         cal = calibrate(cal_cfg)
-    except TraceError as exc:
-        if "no flips" not in exc.message:
-            raise
-        log(f"{exc.message}: falling back to --method bound")
+    except NoFlipsError as exc:
+        log(f"{exc.message}: falling back to the bound method")
         cal_cfg.method = "bound"
         cal = calibrate(cal_cfg)
     reports = {}

@@ -75,12 +75,12 @@ KV_COLUMNS = [f.name for f in KV_FIELDS]
 
 def _check_common(batch_size: int | None = None, max_new_tokens: int | None = None, limit: int | None = None) -> None:
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 2):
-        raise UsageError(f"--batch-size must be at least 2, got {batch_size}",
+        raise UsageError(f"`batch_size` must be at least 2, got {batch_size}",
                          hint="a batch of 1 is the solo run itself")
     if max_new_tokens is not None and max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        raise UsageError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
     if limit is not None and limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {limit}")
+        raise UsageError(f"`limit` must be at least 1, got {limit}")
 
 
 @dataclass
@@ -96,9 +96,9 @@ class OpsConfig:
 
     def validate(self) -> None:
         if not self.rows or any(int(r) < 1 for r in self.rows):
-            raise UsageError("--rows must be whole numbers of at least 1")
+            raise UsageError("`rows` must be whole numbers of at least 1")
         if self.kv_len < 2:
-            raise UsageError(f"--kv-len must be at least 2, got {self.kv_len}")
+            raise UsageError(f"`kv_len` must be at least 2, got {self.kv_len}")
 
 
 @dataclass
@@ -119,7 +119,7 @@ class PromptConfig:
     def validate(self) -> None:
         _check_common(self.batch_size, self.max_new_tokens)
         if not 0 <= self.row < self.batch_size:
-            raise UsageError(f"--row must be between 0 and {self.batch_size - 1}, got {self.row}")
+            raise UsageError(f"`row` must be between 0 and {self.batch_size - 1}, got {self.row}")
 
 
 @dataclass
@@ -141,7 +141,7 @@ class KvConfig:
     def validate(self) -> None:
         _check_common(self.batch_size, self.max_new_tokens, self.limit)
         if self.flips < 1:
-            raise UsageError(f"--flips must be at least 1, got {self.flips}")
+            raise UsageError(f"`flips` must be at least 1, got {self.flips}")
 
 
 # --------------------------------------------------------------------------- prompts and batches
@@ -170,7 +170,7 @@ def batch_for(index: int | None, probe_ids: list[int], encoded: list[list[int]],
     pool = list(encoded) if index is None else list(encoded[index + 1:]) + list(encoded[:index])
     if not pool:
         raise PromptError("the prompt set has no other prompt to use as filler",
-                          hint="use a set with at least two prompts, or --exact")
+                          hint="use a set with at least two prompts, or `exact`")
     fillers = [pool[i % len(pool)] for i in range(batch_size - 1)]
     return fillers[:row] + [list(probe_ids)] + fillers[row:]
 
@@ -186,7 +186,7 @@ def _load(config, log, loaded=None):
         import torch
 
         if isinstance(config.threads, bool) or config.threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {config.threads}")
+            raise UsageError(f"`threads` must be at least 1, got {config.threads}")
         torch.set_num_threads(config.threads)
     if loaded is not None:
         return loaded
@@ -246,7 +246,7 @@ def run_kv(config: KvConfig, log: Callable[[str], None] | None = None, loaded=No
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot create {d}: {exc.strerror or exc}", hint="choose a writable --out / --plot") from None
+            raise OutputError(f"cannot create {d}: {exc.strerror or exc}", hint="choose a writable `out` / `plot`") from None
     lm = _load(config, log, loaded)
     encoded = [encode_prompt(lm.tokenizer, p, chat=config.chat) for p in prompt_set.prompts]
     results: list[KvDriftResult] = []

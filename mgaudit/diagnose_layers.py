@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .diagnose_ops import model_parts
-from .engine import _forward_last, left_pad, new_cache
+from .decoding.loop import greedy, padded_prefill
 from .errors import UsageError
 
 BLOCKS = ("attention", "mlp", "layer")  # order inside a decoder layer; "layer" = its output
@@ -94,48 +94,43 @@ def resolve_row(prompt_ids: Sequence[int], batch_prompt_ids: Sequence[Sequence[i
 
 @torch.inference_mode()
 def _lockstep(lm, prompt_ids, batch_prompt_ids, row: int, max_new_tokens: int, hooks: bool) -> Iterator[_View]:
-    """Solo and batched forwards alternately; the batched row is fed the solo tokens."""
+    """Solo and batched decoding advanced alternately (two consumers of the one loop); the batched
+    row is fed the solo tokens, the fillers their own argmax."""
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not prompt_ids:
         raise UsageError("the probed prompt has no tokens")
     model = lm.model
-    device = model.device
     parts = model_parts(model)
-    eos = set(lm.eos_token_ids)
     pad_id = lm.pad_token_id
-    s_ids, s_mask, s_pos = left_pad([prompt_ids], pad_id, device)
-    b_ids, b_mask, b_pos = left_pad(batch_prompt_ids, pad_id, device)
-    pad = b_ids.shape[1] - len(prompt_ids)
-    bsz = b_ids.shape[0]
-    s_cache, b_cache = new_cache(model), new_cache(model)
+    pad = max(len(p) for p in batch_prompt_ids) - len(prompt_ids)
+    bsz = len(batch_prompt_ids)
     cap = _Hooks(parts.layers, hooks)
     try:
         s_store: dict = {}
         b_store: dict = {}
         cap.capture(s_store, lambda t: t[0])
-        s_logits = _forward_last(model, s_ids, s_mask, s_pos, s_cache)
+        s_logits, s_cache, s_pos, s_adv = padded_prefill(model, [prompt_ids], pad_id)
         cap.capture(b_store, lambda t: t[row, pad:])
-        b_logits = _forward_last(model, b_ids, b_mask, b_pos, b_cache)
+        b_logits, b_cache, b_pos, b_adv = padded_prefill(model, batch_prompt_ids, pad_id)
         cap.capture(None, None)
-        yield _View(-1, s_logits[0], b_logits[row], s_store, b_store, s_cache, b_cache, pad)
-        s_next, b_next = s_pos[:, -1:] + 1, b_pos[:, -1:] + 1
-        for step in range(max_new_tokens - 1):
-            tok = int(torch.argmax(s_logits[0]))
-            if tok in eos:
-                break
-            own = torch.argmax(b_logits, dim=-1).tolist()
-            feed = [tok if r == row else int(own[r]) for r in range(bsz)]
-            s_mask = torch.cat([s_mask, torch.ones((1, 1), dtype=s_mask.dtype, device=device)], dim=-1)
-            b_mask = torch.cat([b_mask, torch.ones((bsz, 1), dtype=b_mask.dtype, device=device)], dim=-1)
+        solo = greedy(s_logits, s_cache, s_pos, s_adv, eos_ids=lm.eos_token_ids, pad_id=pad_id,
+                      budgets=[max_new_tokens])
+        batch = greedy(b_logits, b_cache, b_pos, b_adv, eos_ids=(), pad_id=pad_id, budgets=[max_new_tokens] * bsz,
+                       stop_at_eos=False)
+        s = next(solo)
+        b = next(batch)
+        while True:
+            yield _View(s.index - 1, s.logits[0], b.logits[row], s_store, b_store, s_cache, b_cache, pad)
+            b.chosen[row] = s.chosen[0]  # teacher forcing: the batched row takes the solo token
             s_store, b_store = {}, {}
             cap.capture(s_store, lambda t: t[0, -1:])
-            s_logits = _forward_last(model, torch.tensor([[tok]], device=device), s_mask, s_next, s_cache)
+            s = next(solo, None)
+            if s is None:
+                break
             cap.capture(b_store, lambda t: t[row, -1:])
-            b_logits = _forward_last(model, torch.tensor(feed, device=device)[:, None], b_mask, b_next, b_cache)
+            b = next(batch)
             cap.capture(None, None)
-            s_next, b_next = s_next + 1, b_next + 1
-            yield _View(step, s_logits[0], b_logits[row], s_store, b_store, s_cache, b_cache, pad)
     finally:
         cap.close()
 

@@ -115,16 +115,16 @@ def parse_rows(text: str) -> list[int]:
     """``"1,2,64"`` -> ``[1, 2, 64]`` (sorted, unique); UsageError on anything else."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     if not parts:
-        raise UsageError("--rows is empty", hint="give comma-separated row counts, e.g. 1,2,63,64,128")
+        raise UsageError("`rows` is empty", hint="give comma-separated row counts, e.g. 1,2,63,64,128")
     rows = []
     for p in parts:
         try:
             v = int(p)
         except ValueError:
-            raise UsageError(f"--rows: {p!r} is not a whole number",
+            raise UsageError(f"`rows`: {p!r} is not a whole number",
                              hint="give comma-separated row counts, e.g. 1,2,63,64,128") from None
         if v < 1 or v > MAX_ROWS:
-            raise UsageError(f"--rows: {v} is out of range", hint=f"row counts must be between 1 and {MAX_ROWS}")
+            raise UsageError(f"`rows`: {v} is out of range", hint=f"row counts must be between 1 and {MAX_ROWS}")
         rows.append(v)
     return sorted(set(rows))
 

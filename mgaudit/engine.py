@@ -1,6 +1,5 @@
-"""Greedy decode loops that record what the argmax was taken on.
-
-Three loops share one step function:
+"""Stock greedy decoding, recording what the argmax was taken on (consumers of the one loop,
+:func:`mgaudit.decoding.loop.greedy`):
 
 * :func:`solo_decode` - one prompt at batch size 1, exactly what
   ``model.generate(do_sample=False)`` computes for it alone (same inputs, same
@@ -22,6 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .decoding.loop import greedy, padded_prefill
+
 
 @dataclass
 class RowTrace:
@@ -40,70 +41,6 @@ class RowTrace:
 
     def __len__(self) -> int:
         return len(self.tokens)
-
-
-def top2_stats(logits: torch.Tensor) -> tuple[list[int], list[int], list[float], list[float]]:
-    """Argmax (the token greedy decoding takes), runner-up, top-1 and top-2 logits per row.
-
-    The token is ``argmax`` like ``generate``; on an exact tie the runner-up is the
-    other tied token and the margin is 0.
-    """
-    token = torch.argmax(logits, dim=-1)
-    top = torch.topk(logits, 2, dim=-1)
-    runner = torch.where(top.indices[:, 0] == token, top.indices[:, 1], top.indices[:, 0])
-    top1 = top.values[:, 0].float()
-    top2 = top.values[:, 1].float()
-    return token.tolist(), runner.tolist(), top1.tolist(), top2.tolist()
-
-
-def _cache_kwarg(model) -> str:
-    """The name the model's forward takes its K/V cache under: ``cache`` from transformers 5.24
-    (``past_key_values`` still works there, with a deprecation warning), ``past_key_values`` before."""
-    cls = type(model)
-    name = _CACHE_KWARG.get(cls)
-    if name is None:
-        import inspect
-
-        params = inspect.signature(cls.forward).parameters
-        name = _CACHE_KWARG[cls] = "cache" if "cache" in params else "past_key_values"
-    return name
-
-
-_CACHE_KWARG: dict[type, str] = {}
-
-
-def _forward_last(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=True,
-        logits_to_keep=1,
-        **{_cache_kwarg(model): cache},
-    )
-    return out.logits[:, -1, :]
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token ids, attention mask and position ids of a left-padded batch, as ``generate`` builds them
-    (positions count the row's real tokens; pads get 1)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[b, width - len(p):] = 1
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    return ids.to(device), mask.to(device), positions.to(device)
-
-
-def new_cache(model):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older signature
-        return DynamicCache()
 
 
 @torch.inference_mode()
@@ -138,68 +75,39 @@ def padded_decode(
     records max |logit - reference logit| while the row's prefix equals the
     reference's.
     """
-    device = model.device
     bsz = len(prompts)
-    ids, mask, position_ids = left_pad(prompts, pad_id, device)
-    eos = set(int(e) for e in eos_ids)
-    if forced is not None:
-        steps_for = [len(f) for f in forced]
-    else:
-        steps_for = [max_new_tokens] * bsz
-    n_steps = max(steps_for) if steps_for else 0
+    budgets = [len(f) for f in forced] if forced is not None else [max_new_tokens] * bsz
     rows = [RowTrace(logits=[] if keep_logits else None) for _ in range(bsz)]
-    if n_steps == 0:
+    if not budgets or max(budgets) == 0:
         return rows
-    done = [False] * bsz
     prefix_ok = [True] * bsz
-
-    # Prefill.
-    cache = new_cache(model)
-    # A single unpadded row needs no mask: generate's all-ones mask is dropped by
-    # transformers' mask code (sdpa then runs causal/unmasked) - same numerics, less work.
-    use_mask = bsz > 1
-    logits = _forward_last(model, ids, mask if use_mask else None, position_ids, cache)
-    next_pos = position_ids[:, -1:] + 1
-    for step in range(n_steps):
-        tok, run, t1, t2 = top2_stats(logits)
+    logits, cache, positions, advance = padded_prefill(model, prompts, pad_id)
+    for st in greedy(logits, cache, positions, advance, eos_ids=eos_ids, pad_id=pad_id, budgets=budgets,
+                     stop_at_eos=forced is None):
         diffs: list[float | None] = [None] * bsz
         if reference is not None:
-            ref_rows = [b for b in range(bsz) if not done[b] and prefix_ok[b] and step < len(reference[b])]
+            ref_rows = [b for b in range(bsz) if st.active[b] and prefix_ok[b] and st.index < len(reference[b])]
             if ref_rows:
-                ref = torch.stack([reference[b].logits[step] for b in ref_rows]).to(device)
-                d = (logits[ref_rows].float() - ref.float()).abs().amax(dim=-1).tolist()
+                ref = torch.stack([reference[b].logits[st.index] for b in ref_rows]).to(st.logits.device)
+                d = (st.logits[ref_rows].float() - ref.float()).abs().amax(dim=-1).tolist()
                 for b, v in zip(ref_rows, d):
                     diffs[b] = v
-        feed = []
         for b in range(bsz):
-            if not done[b] and step < steps_for[b]:
-                r = rows[b]
-                r.tokens.append(tok[b])
-                r.runner_up.append(run[b])
-                r.top1.append(t1[b])
-                r.top2.append(t2[b])
-                r.max_abs_diff.append(diffs[b])
-                if keep_logits:
-                    r.logits.append(logits[b].detach().clone().cpu())
-                chosen = forced[b][step] if forced is not None else tok[b]
-                if reference is not None and prefix_ok[b]:
-                    ref_tok = reference[b].tokens[step] if step < len(reference[b]) else None
-                    prefix_ok[b] = chosen == ref_tok
-                if forced is None and chosen in eos:
-                    done[b] = True
-                if step + 1 >= steps_for[b]:
-                    done[b] = True
-                feed.append(chosen)
-            else:
-                done[b] = True
-                feed.append(pad_id)
+            if not st.active[b]:
+                continue
+            r = rows[b]
+            r.tokens.append(st.argmax[b])
+            r.runner_up.append(st.runner_up[b])
+            r.top1.append(st.top1[b])
+            r.top2.append(st.top2[b])
+            r.max_abs_diff.append(diffs[b])
+            if keep_logits:
+                r.logits.append(st.logits[b].detach().clone().cpu())
+            if forced is not None:
+                st.chosen[b] = forced[b][st.index]
+            if reference is not None and prefix_ok[b]:
+                ref_tok = reference[b].tokens[st.index] if st.index < len(reference[b]) else None
+                prefix_ok[b] = st.chosen[b] == ref_tok
         if on_step is not None:
-            on_step(step)
-        if all(done):
-            break
-        inp = torch.tensor(feed, dtype=torch.long, device=device)[:, None]
-        if use_mask:
-            mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=device)], dim=-1)
-        logits = _forward_last(model, inp, mask if use_mask else None, next_pos, cache)
-        next_pos = next_pos + 1
+            on_step(st.index)
     return rows

@@ -42,6 +42,18 @@ class TraceError(InputError):
     """Trace files are missing, of the wrong schema, or unfit for the job."""
 
 
+class NoFlipsError(TraceError):
+    """The traces hold no flip, so a recall threshold cannot be fitted (the bound method still can).
+
+    ``steps``: synchronous steps read; ``label``: which traces.
+    """
+
+    def __init__(self, message: str, *, steps: int, label: str, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.steps = steps
+        self.label = label
+
+
 class OutputError(MgauditError):
     """An output location cannot be written."""
 

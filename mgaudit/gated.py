@@ -26,22 +26,28 @@ Policies (see docs/design.md for why):
     The ``gate`` fast path with no verification: exact where the probe holds.
 
 Contracts: ``solo`` (the default): identical to what the model gives alone with
-the stock kernels (``generate`` at batch size 1). ``batch-invariant``: every
-linear layer of a decode step runs at a fixed row count (zero rows padded),
-solo included, so the output does not depend on the batch; its reference is the
-batch-1 run through the same kernels (see :func:`reference_decode`).
+the stock kernels (``generate`` at batch size 1). ``batch-invariant``: kernels
+whose result for a prompt does not depend on the batch (the packed prefill of
+:mod:`mgaudit.packed`, every linear layer of a decode step at a fixed row count,
+attention over K/V padded to a multiple of a bucket: :func:`mgaudit.ragged.bucketed_sdpa`),
+solo included; its reference is the batch-1 run through the same kernels (see
+:func:`reference_decode`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .cache_ops import batch_cache, cache_layers, columns_equal, pad_cache_left, row_cache, write_columns
-from .engine import _forward_last, left_pad, new_cache, top2_stats
+from .cache_ops import (batch_cache, cache_layers, columns_equal, pad_cache_left, pad_columns_left, row_cache,
+                        write_columns)
+from .decoding import step as _step
+from .decoding.loop import Padded, greedy, padded_prefill
+from .decoding.step import left_pad, new_cache, top2_stats
 from .errors import UsageError
 
 POLICIES = ("none", "always", "gate", "invariant")
@@ -174,7 +180,8 @@ def _truncated_copy(model, cache, drop: int = 1):
 class _Batch:
     """The state of one batch being decoded; the loop below is the only thing that advances it."""
 
-    def __init__(self, model, prompts, verifier_plan, max_new_tokens, eos_ids, pad_id, keep_logits, row_offset):
+    def __init__(self, model, prompts, verifier_plan, max_new_tokens, eos_ids, pad_id, keep_logits, row_offset,
+                 bucket=None):
         self.model, self.verifier_plan = model, verifier_plan
         self.device = model.device
         self.bsz = len(prompts)
@@ -183,7 +190,10 @@ class _Batch:
         self.max_new = max_new_tokens
         self.results = [SequenceResult(logits=[] if keep_logits else None) for _ in range(self.bsz)]
         self.lengths = [len(p) for p in prompts]
-        self.width = max(self.lengths)
+        # the batch-invariant attention pads rows to a multiple of `bucket` columns from a zero margin
+        self.bucket = bucket
+        self.margin = bucket - 1 if bucket else 0
+        self.width = max(self.lengths) + self.margin
         self.starts = [self.width - n for n in self.lengths]
         self.done = [False] * self.bsz
         self.certified = [0] * self.bsz  # last step whose logits (and all earlier columns) were checked
@@ -195,8 +205,17 @@ class _Batch:
 
         ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
         pos = torch.tensor([[position]], dtype=torch.long, device=self.device)
-        with decode_kernels(self.model, self.verifier_plan):
-            return _forward_last(self.model, ids, None, pos, one)
+        with contextlib.ExitStack() as stack:
+            if self.bucket:
+                from .ragged import ragged_step
+
+                stack.enter_context(ragged_step(self.model, [self.margin], bucket=self.bucket))
+            stack.enter_context(decode_kernels(self.model, self.verifier_plan))
+            return _step.forward_last(self.model, ids, None, pos, one)
+
+    def row_cache(self, cache, b: int, end: int):
+        """Row ``b``'s columns up to ``end`` as a batch-1 cache (with the zero margin, if any)."""
+        return row_cache(self.model, cache, b, self.starts[b] - self.margin, end)
 
 
 @torch.inference_mode()
@@ -218,8 +237,9 @@ def decode_batch(
     path; ``max_rows`` is the older override (every linear layer in chunks of that many
     rows). Drift events lower ops in ``plan`` in place.
     """
-    from .invariance import Plan, decode_kernels, fixed_rows_plan, localize, plan_for
-    from .ragged import ragged_step
+    from .invariance import Plan, decode_kernels, fixed_rows_of, fixed_rows_plan, localize, plan_for
+    from .packed import packed_prefill, supported as packed_supported
+    from .ragged import bucketed_attention, ragged_step
 
     fixed = None
     if policy.contract == "batch-invariant":
@@ -233,55 +253,60 @@ def decode_batch(
             plan = Plan()
     # the verifier runs one row through the kernels of the contract
     verifier_plan = fixed if fixed is not None else Plan()
-    st = _Batch(model, prompts, verifier_plan, max_new_tokens, eos_ids, pad_id, keep_logits, row_offset)
-    device, bsz = st.device, st.bsz
-    results, starts, lengths = st.results, st.starts, st.lengths
+    bucket = bucketed_attention(model) if fixed is not None and policy.ragged else None
+    st = _Batch(model, prompts, verifier_plan, max_new_tokens, eos_ids, pad_id, keep_logits, row_offset, bucket)
+    bsz, starts, lengths = st.bsz, st.starts, st.lengths
+    results = st.results
 
+    # the prefill: the strategy the policy and contract ask for
     if not policy.solo_prefill:
-        # generate-style batched prefill; the decode below continues on its cache
-        ids, mask, pos = left_pad(prompts, pad_id, device)
-        cache = batch_cache(model)  # generate's cache, but sliding layers keep the columns a verifier copies
-        logits = _forward_last(model, ids, mask, pos, cache)
+        # generate-style batched prefill; sliding layers keep the columns a verifier copies
+        logits, cache, positions, padded = padded_prefill(model, prompts, pad_id, cache=batch_cache(model))
+    elif fixed is not None and policy.ragged and packed_supported(model):
+        # the batch-invariant prefill: prompts packed, fixed-size GEMM chunks, attention per prompt
+        logits, kv = packed_prefill(model, prompts, fixed_rows_of(fixed), shared=plan.prefill_shared)
+        cache = pad_columns_left([[(k, v, 0) for k, v in row] for row in kv], lengths, st.margin)
     else:
         caches, rows = [], []
         for p in prompts:
             c = new_cache(model)
-            ids = torch.tensor([list(p)], dtype=torch.long, device=device)
-            # exactly what solo decoding (and generate at batch size 1) runs: no mask
-            rows.append(_forward_last(model, ids, None, torch.arange(len(p), device=device)[None], c))
+            ids = torch.tensor([list(p)], dtype=torch.long, device=st.device)
+            # exactly what solo decoding (and generate at batch size 1) runs
+            rows.append(_step.forward_last(model, ids, None, torch.arange(len(p), device=st.device)[None], c))
             caches.append(c)
         logits = torch.cat(rows)
-        cache = pad_cache_left(model, caches, lengths)
-        _, mask, _ = left_pad(prompts, pad_id, device)
-    next_pos = torch.tensor(lengths, dtype=torch.long, device=device)[:, None]
-    last_fed = None  # the tokens fed at the previous step (what a verifier recomputes)
+        cache = pad_cache_left(model, caches, lengths, margin=st.margin)
+    if policy.solo_prefill:
+        positions = torch.tensor(lengths, dtype=torch.long, device=st.device)[:, None] - 1
+        padded = Padded(model, left_pad(prompts, pad_id, st.device)[1])  # always: the verified padded batch
+
+    def ragged_forward(c, fed, pos):
+        with ragged_step(model, starts, bucket=bucket, share_span=plan.attention_span), decode_kernels(model, plan):
+            return _step.forward_last(model, fed, None, pos, c)
+
+    advance = ragged_forward if policy.ragged else padded
     audit_every = policy.audit_every if policy.audits else None
-
-    def fast_forward(c, fed):
-        if policy.ragged:
-            with ragged_step(model, starts), decode_kernels(model, plan):
-                return _forward_last(model, fed, None, next_pos, c)
-        return _forward_last(model, fed, mask, next_pos, c)
-
-    for step in range(max_new_tokens):
-        tok, _, t1, t2 = top2_stats(logits)
+    for s in greedy(logits, cache, positions, advance, eos_ids=eos_ids, pad_id=pad_id,
+                    budgets=[max_new_tokens] * bsz):
+        step, tok = s.index, s.chosen
+        st.done = [not a for a in s.active]
         verified_now = [False] * bsz
         repaired_now = [False] * bsz
         audited_now = [False] * bsz
-        step_logits = [logits[b] for b in range(bsz)] if keep_logits else None
+        step_logits = [s.logits[b] for b in range(bsz)] if keep_logits else None
         if step > 0 and policy.name in ("always", "gate"):
             total = cache.get_seq_length()
             drifted = []
             for b in range(bsz):
                 if st.done[b]:
                     continue
-                low = policy.verifies(t1[b] - t2[b])
+                low = policy.verifies(s.margin(b))
                 finishing = tok[b] in st.eos or len(results[b].tokens) + 1 >= max_new_tokens
                 due = audit_every is not None and (step - st.certified[b] >= audit_every or finishing)
                 if not (low or due):
                     continue
-                one = row_cache(model, cache, b, starts[b], total - 1)
-                solo_logits = st.solo_step(one, last_fed[b].item(), int(next_pos[b]) - 1)
+                one = st.row_cache(cache, b, total - 1)
+                solo_logits = st.solo_step(one, s.fed[b].item(), int(s.positions[b]))
                 verified_now[b] = True
                 audited_now[b] = not low
                 if not policy.audits:
@@ -294,7 +319,7 @@ def decode_batch(
                     if keep_logits:
                         step_logits[b] = solo_logits[0]
                     continue
-                same_logits = torch.equal(solo_logits[0].float(), logits[b].float())
+                same_logits = torch.equal(solo_logits[0].float(), s.logits[b].float())
                 same_kv = columns_equal(cache, one, b)
                 if same_logits and same_kv:
                     st.certified[b] = step
@@ -306,12 +331,11 @@ def decode_batch(
                 attribution = None
                 if policy.ragged:
                     before = _truncated_copy(model, cache)
-                    pos_before = next_pos - 1
-                    fed_before = last_fed
 
                     def replay_step():
-                        with ragged_step(model, starts, cache=before):  # its sliding layers hold only the window
-                            _forward_last(model, fed_before, None, pos_before, before)
+                        with ragged_step(model, starts, cache=before, bucket=bucket,
+                                         share_span=plan.attention_span):  # its sliding layers hold only the window
+                            _step.forward_last(model, s.fed, None, s.positions, before)
 
                     attribution = localize(model, plan, replay_step)
                 lowered_to = None
@@ -325,29 +349,17 @@ def decode_batch(
                         event.op, event.rows, event.lowered_to = attribution[0], attribution[1], lowered_to
                     results[b].drift.append(event)
                     repaired_now[b] = event.token_changed
-        feed = []
         for b in range(bsz):
-            if st.done[b]:
-                feed.append(pad_id)
+            if st.done[b] or tok[b] is None:
                 continue
             r = results[b]
             r.tokens.append(tok[b])
-            r.margins.append(t1[b] - t2[b])
+            r.margins.append(s.margin(b))
             r.verified.append(verified_now[b])
             r.repaired.append(repaired_now[b])
             r.audited.append(audited_now[b])
             if keep_logits:
                 r.logits.append(step_logits[b].detach().float().cpu().clone())
-            if tok[b] in st.eos or len(r.tokens) >= max_new_tokens:
-                st.done[b] = True
-            feed.append(tok[b])
-        if all(st.done):
-            break
-        last_fed = torch.tensor(feed, dtype=torch.long, device=device)[:, None]
-        if not policy.ragged:
-            mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=device)], dim=-1)
-        logits = fast_forward(cache, last_fed)
-        next_pos = next_pos + 1
     return results
 
 
@@ -367,7 +379,7 @@ def _repair_row(st: _Batch, cache, b: int, step: int, what: str, one, solo_logit
         replayed = 0
     else:
         # columns up to the one fed at step c: [starts[b], width + c)
-        one = row_cache(st.model, cache, b, st.starts[b], st.width + c)
+        one = st.row_cache(cache, b, st.width + c)
         prev = r.tokens[c]
         logits_b = None
         replayed = 0

@@ -52,6 +52,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .ragged import BUCKET as ATTENTION_BUCKET, SHARE_SPAN as ATTENTION_SPAN
+
 #: Per-element difference rate the probe is sized to catch (1 in 10^4) ...
 TARGET_RATE = 1e-4
 #: ... with at most this probability of missing it at a given row count.
@@ -60,7 +62,7 @@ MISS_PROBABILITY = 0.01
 MIN_ELEMENTS = math.ceil(math.log(MISS_PROBABILITY) / math.log1p(-TARGET_RATE))
 MIN_DRAWS = 3
 PROBE_FORMAT = "mgaudit.probe"
-PROBE_VERSION = 2
+PROBE_VERSION = 7
 LAYOUTS = ("batched", "colmajor")
 #: Row count of the batch-invariant contract's fixed-size GEMMs.
 FIXED_ROWS = 16
@@ -183,7 +185,7 @@ class _Pool:
 @torch.inference_mode()
 def capture_activations(model, steps: int = 8, prompt_len: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
     """Inputs seen by each op during ``steps`` single-token decode steps of a short greedy run."""
-    from .engine import _forward_last, new_cache
+    from .decoding.step import forward_last, new_cache
 
     ops = find_ops(model)
     by_module = {id(m): op for op in ops for m in op.modules}
@@ -202,11 +204,11 @@ def capture_activations(model, steps: int = 8, prompt_len: int = 6, seed: int = 
         vocab = model.get_input_embeddings().num_embeddings
         ids = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(model.device)
         cache = new_cache(model)
-        logits = _forward_last(model, ids, None, torch.arange(prompt_len, device=model.device)[None], cache)
+        logits = forward_last(model, ids, None, torch.arange(prompt_len, device=model.device)[None], cache)
         recording["on"] = True
         for i in range(steps):
             tok = torch.argmax(logits, dim=-1, keepdim=True)
-            logits = _forward_last(model, tok, None, torch.tensor([[prompt_len + i]], device=model.device), cache)
+            logits = forward_last(model, tok, None, torch.tensor([[prompt_len + i]], device=model.device), cache)
     finally:
         for h in handles:
             h.remove()
@@ -259,6 +261,10 @@ class ProbeReport:
     target_rate: float = TARGET_RATE
     miss_probability: float = MISS_PROBABILITY
     fixed_rows: int = FIXED_ROWS
+    #: batch-invariant attention: whether rows padded to the bucket may share one call (see probe_attention)
+    attention: dict[str, Any] | None = None
+    #: batch-invariant prefill: whether prompts may share one pack (see mgaudit.packed.check_sharing)
+    prefill: dict[str, Any] | None = None
     cached: bool = False
 
     def op(self, key: str) -> OpResult:
@@ -290,6 +296,8 @@ class ProbeReport:
             "not_probed": {o.key: o.error for o in self.ops if o.error},
             "fixed_rows": self.fixed_rows,
             "fixed_rows_ok": all(o.fixed_rows_ok is not False for o in self.ops),
+            "attention": self.attention,
+            "prefill": self.prefill,
             "seconds": round(self.seconds, 2),
             "cached": self.cached,
         }
@@ -470,10 +478,77 @@ def probe(model, up_to: int, *, seed: int = 0, use_cache: bool = True,
         results.append(res)
         if on_op:
             on_op(res)
-    rep = ProbeReport(up_to, results, fp, time.perf_counter() - t0)
+    from .packed import check_sharing
+
+    attention = probe_attention(model, up_to, gen)
+    prefill = check_sharing(model, FIXED_ROWS, seed=seed)
+    rep = ProbeReport(up_to, results, fp, time.perf_counter() - t0, attention=attention, prefill=prefill)
     if use_cache:
         _store(rep)
     return rep
+
+
+#: Rows the attention check compares with the row alone (on an AMD EPYC, two threads made about 1
+#: row in 1,000 differ: the check must see thousands to catch that).
+ATTENTION_ROWS = 4096
+
+
+@torch.inference_mode()
+def probe_attention(model, up_to: int, gen: torch.Generator) -> dict[str, Any] | None:
+    """Whether the batch-invariant attention may run a batch's rows in one call.
+
+    Under that contract a row attends over its K/V left-padded with zero columns to a multiple of
+    :data:`ATTENTION_BUCKET` and masked, so its result depends on its own length only. A shared call
+    pads every row to the longest row's multiple: the check draws groups of 2..``up_to`` rows of
+    random lengths up to :data:`ATTENTION_SPAN` and compares every row of the shared call with the
+    row alone, bit for bit, :data:`ATTENTION_ROWS` rows in all. None where the contract's attention
+    is per row.
+    """
+    from .ragged import bucketed_attention, bucketed_sdpa
+
+    if bucketed_attention(model) is None:
+        return None
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    scale = next((m.scaling for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "layer_idx")),
+                 dim ** -0.5)
+    p = next(model.parameters())
+    dev, dtype = p.device, p.dtype
+    bucket, span = ATTENTION_BUCKET, ATTENTION_SPAN
+
+    def attend(rows, w):
+        k = torch.zeros((len(rows), kv_heads, w, dim), dtype=dtype, device=dev)
+        v = torch.zeros_like(k)
+        for i, (n, _, rk, rv) in enumerate(rows):
+            k[i, :, w - n:], v[i, :, w - n:] = rk, rv
+        need = torch.tensor([w - r[0] for r in rows], device=dev)
+        mask = (torch.arange(w, device=dev)[None, :] >= need[:, None])[:, None, None, :]
+        return bucketed_sdpa(torch.stack([r[1] for r in rows]), k, v, mask, scale, heads // kv_heads)
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(dev, dtype)
+
+    t0 = time.perf_counter()
+    compared = draws = 0
+    first_failure = None
+    while compared < ATTENTION_ROWS and first_failure is None:
+        g = 2 + draws % max(up_to - 1, 1)
+        lengths = torch.randint(1, span + 1, (g,), generator=gen).tolist()
+        w = max(-(-n // bucket) * bucket for n in lengths)
+        rows = [(n, rand(heads, 1, dim, std=2.0), rand(kv_heads, n, dim, std=2.0), rand(kv_heads, n, dim))
+                for n in lengths]
+        got = attend(rows, w)
+        draws += 1
+        for i, r in enumerate(rows):
+            compared += 1
+            if not torch.equal(got[i], attend([r], -(-r[0] // bucket) * bucket)[0]):
+                first_failure = {"rows": g, "padded_to": w, "row_length": r[0]}
+                break
+    return {"ok": first_failure is None, "bucket": bucket, "span": span, "draws": draws, "rows_compared": compared,
+            "elements": compared * heads * dim, "first_failure": first_failure,
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 # --------------------------------------------------------------------------- plans
@@ -498,12 +573,21 @@ class Plan:
 
     ops: dict[str, OpPlan] = field(default_factory=dict)
     lowered: list[dict[str, Any]] = field(default_factory=list)
+    #: batch-invariant attention: rows share one call up to this padded length (0: one call per row)
+    attention_span: int = 0
+    #: batch-invariant prefill: prompts share one pack (False: one pack per prompt)
+    prefill_shared: bool = False
 
     def special(self) -> dict[str, OpPlan]:
         return {k: p for k, p in self.ops.items() if p.layout != "batched" or p.chunk or p.fixed_rows}
 
     def describe(self) -> dict[str, str]:
-        return {k: p.describe() for k, p in self.special().items()}
+        out = {k: p.describe() for k, p in self.special().items()}
+        if self.attention_span:
+            out["attention"] = f"rows padded to a multiple of {ATTENTION_BUCKET}, one call up to {self.attention_span}"
+        if self.prefill_shared:
+            out["prefill"] = "prompts packed together, fixed-size GEMM chunks"
+        return out
 
     def lower(self, key: str, rows: int, reason: str) -> OpPlan:
         """Run ``key`` in chunks of at most ``rows`` rows from now on."""
@@ -524,6 +608,10 @@ def plan_for(report: ProbeReport | None, batch_size: int, *, max_rows: int | Non
     Ops come from ``report``, or from ``model`` where no report is given.
     """
     plan = Plan()
+    if contract == "batch-invariant" and report is not None and report.attention and report.attention.get("ok"):
+        plan.attention_span = report.attention["span"]
+    if contract == "batch-invariant" and report is not None and report.prefill and report.prefill.get("ok"):
+        plan.prefill_shared = True
     ops = [(o.key, o.kind) for o in report.ops] if report is not None else \
         [(o.key, o.kind) for o in find_ops(model)] if model is not None else []
     for key, kind in ops:
@@ -554,6 +642,11 @@ def plan_for(report: ProbeReport | None, batch_size: int, *, max_rows: int | Non
     return plan
 
 
+def fixed_rows_of(plan: Plan) -> int:
+    """The fixed row count of a batch-invariant plan's linear layers."""
+    return next((p.fixed_rows for p in plan.ops.values() if p.fixed_rows), FIXED_ROWS)
+
+
 def fixed_rows_plan(model, rows: int = FIXED_ROWS) -> Plan:
     """The batch-invariant contract's kernels: every linear layer at ``rows`` rows, zero-padded."""
     return Plan({o.key: OpPlan(o.key, fixed_rows=rows) for o in find_ops(model) if o.kind == "linear"})
@@ -574,7 +667,7 @@ def _rows_forward(op: Op, module, p: OpPlan, original):
                     if n < p.fixed_rows:
                         part = torch.cat([part, part.new_zeros((p.fixed_rows - n,) + tuple(part.shape[1:]))])
                     outs.append(_apply(op, module, part, p.layout)[:n])
-                return torch.cat(outs)
+                return outs[0] if len(outs) == 1 else torch.cat(outs)
             if p.chunk and len(flat) > p.chunk:
                 return torch.cat([_apply(op, module, c, p.layout) for c in flat.split(p.chunk)])
             return _apply(op, module, flat, p.layout)

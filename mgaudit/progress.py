@@ -1,7 +1,7 @@
 """Progress reporting from the library: a callback that receives :class:`ProgressEvent`.
 
 The library never draws anything; it calls ``progress(event)`` and the caller (the
-CLI, see :mod:`mgaudit.console`) decides how to show it: a bar on a terminal, plain
+CLI, see :mod:`mgaudit.commands.console`) decides how to show it: a bar on a terminal, plain
 lines in a CI log, or nothing. Older callers passed a ``rich.progress.Progress``;
 :func:`as_callback` still accepts one.
 """

@@ -100,7 +100,7 @@ def load_prompts(
 ) -> PromptSet:
     """Load a prompt set from a file, a sample set name, ``humaneval`` or ``hf:...``."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise UsageError(f"--limit must be a whole number of at least 1, got {limit!r}")
+        raise UsageError(f"`limit` must be a whole number of at least 1, got {limit!r}")
     spec = str(spec).strip()
     if not spec:
         raise PromptError("no prompt set given (pass a file, a sample set name, humaneval or hf:<dataset>)")

@@ -55,27 +55,27 @@ class ScanConfig:
 
     def validate(self) -> None:
         if not self.batch_sizes:
-            raise UsageError("--batch-sizes is empty", hint="give sizes like 4,8,16")
+            raise UsageError("`batch_sizes` is empty", hint="give sizes like 4,8,16")
         if any(b < 2 for b in self.batch_sizes):
-            raise UsageError(f"--batch-sizes {self.batch_sizes}: every size must be at least 2",
+            raise UsageError(f"`batch_sizes` {self.batch_sizes}: every size must be at least 2",
                              hint="batch size 1 is the solo reference, always run")
         if self.max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
+            raise UsageError(f"`max_new_tokens` {self.max_new_tokens} must be at least 1")
         bad = [m for m in self.modes if m not in ("sync", "free")]
         if bad or not self.modes:
-            raise UsageError(f"--modes {','.join(self.modes)}: use sync, free or both")
+            raise UsageError(f"`modes` {','.join(self.modes)}: use sync, free or both")
         if self.resume and self.overwrite:
-            raise UsageError("--resume and --overwrite exclude each other")
+            raise UsageError("`resume` and `overwrite` exclude each other")
 
 
 def parse_batch_sizes(text: str) -> list[int]:
     try:
         sizes = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise UsageError(f"--batch-sizes {text!r} is not a comma-separated list of integers",
-                         hint="e.g. --batch-sizes 4,8,16") from None
+        raise UsageError(f"`batch_sizes` {text!r} is not a comma-separated list of integers",
+                         hint="e.g. `batch_sizes` 4,8,16") from None
     if not sizes:
-        raise UsageError("--batch-sizes is empty", hint="e.g. --batch-sizes 4,8,16")
+        raise UsageError("`batch_sizes` is empty", hint="e.g. `batch_sizes` 4,8,16")
     return sorted(set(sizes))
 
 
@@ -130,7 +130,7 @@ def _check_out(config: ScanConfig) -> None:
     created), no Parquet files there that mgaudit did not write, and no earlier scan unless resuming
     or overwriting."""
     out = Path(config.out)
-    check_output_dir(out, "--out")
+    check_output_dir(out, "`out`")
     if not out.is_dir():
         return
     parquet = trace_files(out)
@@ -141,8 +141,8 @@ def _check_out(config: ScanConfig) -> None:
                           "they would be read as traces and are never deleted",
                           hint="move them elsewhere or choose another directory for the traces")
     if parquet and not (config.resume or config.overwrite):
-        raise OutputError(f"--out {out} already holds {len(parquet)} trace file(s)",
-                          hint="pass --resume to continue that scan or --overwrite to start over")
+        raise OutputError(f"`out` {out} already holds {len(parquet)} trace file(s)",
+                          hint="pass `resume` to continue that scan or `overwrite` to start over")
 
 
 def _prepare_out(config: ScanConfig, log: Callable[[str], None]) -> None:
@@ -153,7 +153,7 @@ def _prepare_out(config: ScanConfig, log: Callable[[str], None]) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"--out {out}: cannot create it ({exc.strerror or exc})",
+        raise OutputError(f"`out` {out}: cannot create it ({exc.strerror or exc})",
                           hint="choose a writable directory") from exc
     stale = stale_temp_files(out)
     for f in stale:
@@ -177,7 +177,7 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise OutputError(f"{path}: unreadable ({exc.__class__.__name__})",
-                          hint="start over with --overwrite or use another --out") from exc
+                          hint="start over with `overwrite` or use another `out`") from exc
 
 
 def _check_manifest(out: Path, fingerprint: dict[str, Any]) -> list[int]:
@@ -186,15 +186,15 @@ def _check_manifest(out: Path, fingerprint: dict[str, Any]) -> list[int]:
     if manifest is None:
         if out.is_dir() and trace_files(out):
             raise OutputError(f"{out}: trace files without {MANIFEST}; cannot check they belong to this scan",
-                              hint="use --overwrite or another --out")
+                              hint="use `overwrite` or another `out`")
         return []
     old = manifest.get("fingerprint", {})
     changed = [k for k in fingerprint if old.get(k, FINGERPRINT_DEFAULTS.get(k)) != fingerprint[k]]
     if changed:
         what = "; ".join(f"{k} was {old.get(k, FINGERPRINT_DEFAULTS.get(k))!r}, now {fingerprint[k]!r}"
                          for k in changed)
-        raise OutputError(f"--resume: {out} was scanned with different {', '.join(changed)} ({what})",
-                          hint="resume with the same options, or use --overwrite / another --out")
+        raise OutputError(f"`resume`: {out} was scanned with different {', '.join(changed)} ({what})",
+                          hint="resume with the same options, or use `overwrite` / another `out`")
     sizes = manifest.get("batch_sizes")
     if sizes is None:  # older manifests: the sizes asked for
         sizes = (manifest.get("provenance") or {}).get("config", {}).get("batch_sizes") or []

@@ -232,7 +232,7 @@ def read_traces(path: Path, columns: list[str] | None = None) -> tuple[pa.Table,
     """
     files = trace_files(path)
     if not files:
-        raise TraceError(f"{path}: no trace-*.parquet files", hint="run `mgaudit scan PROMPTS --out DIR` first")
+        raise TraceError(f"{path}: no trace-*.parquet files", hint="scan prompts into this directory first (as its `out`)")
     tables, provenance = [], None
     for f in files:
         try:

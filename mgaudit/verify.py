@@ -48,26 +48,26 @@ class VerifyConfig:
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
-            raise UsageError(f"--policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+            raise UsageError(f"`policy` {self.policy!r} is not one of {', '.join(POLICIES)}")
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size {self.batch_size} must be at least 1")
+            raise UsageError(f"`batch_size` {self.batch_size} must be at least 1")
         if self.fast_path not in FAST_PATHS:
-            raise UsageError(f"--fast-path {self.fast_path!r} is not one of {', '.join(FAST_PATHS)}")
+            raise UsageError(f"`fast_path` {self.fast_path!r} is not one of {', '.join(FAST_PATHS)}")
         if self.max_rows is not None and self.max_rows < 1:
-            raise UsageError(f"--max-rows {self.max_rows} must be at least 1")
+            raise UsageError(f"`max_rows` {self.max_rows} must be at least 1")
         if self.contract not in CONTRACTS:
-            raise UsageError(f"--contract {self.contract!r} is not one of {', '.join(CONTRACTS)}")
+            raise UsageError(f"`contract` {self.contract!r} is not one of {', '.join(CONTRACTS)}")
         if self.audit_every is not None and self.audit_every < 1:
-            raise UsageError(f"--audit-every {self.audit_every} must be at least 1")
+            raise UsageError(f"`audit_every` {self.audit_every} must be at least 1")
         if self.max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
+            raise UsageError(f"`max_new_tokens` {self.max_new_tokens} must be at least 1")
         if self.gate is not None and self.threshold is not None:
-            raise UsageError("--gate and --threshold exclude each other")
+            raise UsageError("`gate` and `threshold` exclude each other")
         if self.policy == "gate" and self.gate is None and self.threshold is None:
-            raise UsageError("--policy gate needs --gate gate.json or --threshold TAU",
-                             hint="or choose --policy none, always or invariant")
+            raise UsageError("`policy` gate needs `gate` gate.json or `threshold` TAU",
+                             hint="or choose `policy` none, always or invariant")
         if self.threshold is not None and not self.threshold >= 0:
-            raise UsageError(f"--threshold {self.threshold} must be >= 0")
+            raise UsageError(f"`threshold` {self.threshold} must be >= 0")
         if self.report is not None:
             check_output_file(Path(self.report), "verify report")
 
@@ -104,10 +104,18 @@ def exactness_statement(policy, out, summary: dict[str, Any]) -> str:
     if policy.name == "always":
         return f"{ident}; every step was recomputed at batch size 1 and its token and K/V column kept"
     probe = out.probe or {}
-    evidence = (f"probe: every op of the fast path row-invariant up to {probe.get('up_to')} rows "
-                f"({probe.get('min_elements_per_row_count')} elements per row count) or run as planned "
-                f"({', '.join(f'{k}: {v}' for k, v in out.plan.items()) or 'all batched'})") if probe else \
-        "no probe (rows per product forced)"
+    planned = ', '.join(f'{k}: {v}' for k, v in out.plan.items()) or 'all batched'
+    if not probe:
+        evidence = "no probe (rows per product forced)"
+    elif policy.contract == "batch-invariant":
+        evidence = f"probe: {probe.get('fixed_rows')}-row products position- and companion-independent; " \
+                   f"{_shared('prompts share a prefill pack', 'each prompt prefilled alone', probe.get('prefill'))}; " \
+                   f"{_shared('rows share an attention call', 'one attention call per row', probe.get('attention'))}; " \
+                   f"run as planned ({planned})"
+    else:
+        evidence = (f"probe: every op of the fast path row-invariant up to {probe.get('up_to')} rows "
+                    f"({probe.get('min_elements_per_row_count')} elements per row count) or run as planned "
+                    f"({planned})")
     if policy.name == "invariant":
         return f"{ident}; {evidence}; no runtime check"
     if policy.fast_path == "padded":
@@ -118,6 +126,16 @@ def exactness_statement(policy, out, summary: dict[str, Any]) -> str:
             f"K/V bit for bit: {drift} drift event{'s' if drift != 1 else ''}"
             + (f", each repaired by replay at batch size 1; ops lowered: "
                f"{', '.join(x['op'] + ' -> ' + x['to'] for x in out.lowered) or 'none'}" if drift else ""))
+
+
+def _shared(yes: str, no: str, check: dict[str, Any] | None) -> str:
+    """One clause on a batch-invariant sharing check of the probe (see invariance.ProbeReport)."""
+    if not check:
+        return no
+    if check.get("ok"):
+        n = check.get("rows_compared") or check.get("compared")
+        return f"{yes} (checked bit for bit against {n} {'rows' if 'rows_compared' in check else 'prompts'} alone)"
+    return f"{no} (a shared run differed: {check.get('first_failure')})"
 
 
 def compare(pid: str, solo, gated, tokenizer) -> dict[str, Any]:

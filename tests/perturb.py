@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-import mgaudit.gated as gated
+import mgaudit.decoding.step as step_mod
 
 
 def is_batched_step(input_ids: torch.Tensor) -> bool:
@@ -13,7 +13,7 @@ def is_batched_step(input_ids: torch.Tensor) -> bool:
 
 def flip_logits_at(monkeypatch, call: int) -> dict:
     """At the ``call``-th batched decode forward, row 0's runner-up becomes its argmax by 0.01."""
-    orig = gated._forward_last
+    orig = step_mod.forward_last
     state = {"calls": 0, "flipped": None}
 
     def wrapper(model, input_ids, attention_mask, position_ids, cache):
@@ -27,14 +27,14 @@ def flip_logits_at(monkeypatch, call: int) -> dict:
             state["calls"] += 1
         return logits
 
-    monkeypatch.setattr(gated, "_forward_last", wrapper)
+    monkeypatch.setattr(step_mod, "forward_last", wrapper)
     return state
 
 
 def after_batched_forward(monkeypatch, touch) -> dict:
     """After every batched decode forward, call ``touch(cache)`` (a perturbation of the fast path
     that stays in the K/V cache); returns a dict counting the calls."""
-    orig = gated._forward_last
+    orig = step_mod.forward_last
     state = {"calls": 0}
 
     def wrapper(model, input_ids, attention_mask, position_ids, cache):
@@ -44,5 +44,5 @@ def after_batched_forward(monkeypatch, touch) -> dict:
             state["calls"] += 1
         return logits
 
-    monkeypatch.setattr(gated, "_forward_last", wrapper)
+    monkeypatch.setattr(step_mod, "forward_last", wrapper)
     return state

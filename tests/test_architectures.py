@@ -28,7 +28,8 @@ import mgaudit.ragged as ragged
 from mgaudit.architectures import EXACT, TESTED, capabilities, check_supported
 from mgaudit.cache_ops import (batch_cache, columns_equal, layer_span, pad_cache_left, row_cache,
                                write_columns)
-from mgaudit.engine import _forward_last, new_cache, solo_decode
+from mgaudit.engine import solo_decode
+from mgaudit.decoding.step import forward_last, new_cache
 from mgaudit.errors import UsageError
 from mgaudit.gated import DecodePolicy, decode, decode_batch
 
@@ -419,7 +420,7 @@ def test_transformers_sliding_conventions() -> None:
 def _solo_cache(model, prompt):
     c = new_cache(model)
     with torch.inference_mode():
-        _forward_last(model, torch.tensor([prompt]), None, torch.arange(len(prompt))[None], c)
+        forward_last(model, torch.tensor([prompt]), None, torch.arange(len(prompt))[None], c)
     return c
 
 
@@ -450,13 +451,13 @@ def test_row_cache_is_the_solo_cache_and_writes_back() -> None:
     # the next step on the row cache is the next solo step, bit for bit
     tok, pos = torch.tensor([[7]]), torch.tensor([[21]])
     with torch.inference_mode():
-        l1 = _forward_last(a.model, tok, None, pos, one)
-        l2 = _forward_last(a.model, tok, None, pos, solo)
+        l1 = forward_last(a.model, tok, None, pos, one)
+        l2 = forward_last(a.model, tok, None, pos, solo)
     assert torch.equal(l1, l2)
     # several replayed columns (more than the window keeps) go back into the batch cache
     with torch.inference_mode():
         for j in range(9):
-            _forward_last(a.model, torch.tensor([[5 + j]]), None, torch.tensor([[22 + j]]), one)
+            forward_last(a.model, torch.tensor([[5 + j]]), None, torch.tensor([[22 + j]]), one)
     grown = pad_cache_left(a.model, [_solo_cache(a.model, a.prompts[0]), _solo_cache(a.model, p)], [3, 21])
     for layer in grown.layers:
         layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(2, layer.keys.shape[1], 10, layer.keys.shape[3])], 2)
@@ -473,15 +474,15 @@ def test_row_cache_refuses_columns_a_sliding_layer_dropped() -> None:
     the column it needs once the fast path has appended its own; batch_cache can."""
     a = _arch("mistral-w4")
     prompts = a.prompts[:2]
-    from mgaudit.engine import left_pad
+    from mgaudit.decoding.step import left_pad
 
     for make, ok in ((new_cache, False), (batch_cache, True)):
         cache = make(a.model)
         ids, mask, pos = left_pad(prompts, 0, "cpu")
         with torch.inference_mode():
-            _forward_last(a.model, ids, mask, pos, cache)
+            forward_last(a.model, ids, mask, pos, cache)
             mask = torch.cat([mask, torch.ones((2, 1), dtype=mask.dtype)], -1)
-            _forward_last(a.model, torch.tensor([[9], [9]]), mask, pos[:, -1:] + 1, cache)
+            forward_last(a.model, torch.tensor([[9], [9]]), mask, pos[:, -1:] + 1, cache)
         total = cache.get_seq_length()
         if ok:
             one = row_cache(a.model, cache, 1, 0, total - 1)

@@ -240,3 +240,90 @@ def test_batch_invariant_contract_is_refused_where_the_probe_finds_fixed_rows_va
         decode(setup.model, setup.ids, DecodePolicy("invariant", contract="batch-invariant"), 4, MAX_NEW,
                setup.eos, setup.pad, probe_report=rep)
     assert rep.ops[1].key in str(exc.value) and "\n" not in exc.value.one_line()
+
+
+# --------------------------------------------------------------------------- batch-invariant attention and prefill
+
+
+def _one_ulp(t: torch.Tensor) -> torch.Tensor:
+    flat = t.contiguous().clone()
+    flat.view(torch.int16).reshape(-1)[0] += 1
+    return flat
+
+
+def test_shared_attention_call_is_refused_when_a_row_differs_there(setup, monkeypatch) -> None:
+    import mgaudit.ragged as ragged
+    from mgaudit.invariance import probe_attention
+
+    real = ragged.bucketed_sdpa
+
+    def shared_differs(query, key, value, mask, scale, groups):
+        out = real(query, key, value, mask, scale, groups)
+        return _one_ulp(out) if query.shape[0] > 1 else out  # a shared call changes its first row
+
+    clean = probe(setup.model, 4)
+    assert plan_for(clean, 4, contract="batch-invariant").attention_span == (clean.attention["span"]
+                                                                            if clean.attention["ok"] else 0)
+    refs = [reference_decode(setup.model, p, MAX_NEW, setup.eos, contract="batch-invariant", keep_logits=True)
+            for p in setup.ids]
+    monkeypatch.setattr(ragged, "bucketed_sdpa", shared_differs)
+    found = probe_attention(setup.model, 4, torch.Generator().manual_seed(0))
+    assert found["ok"] is False and found["first_failure"]["rows"] >= 2
+    clean.attention = found
+    assert plan_for(clean, 4, contract="batch-invariant").attention_span == 0
+    if not clean.summary()["fixed_rows_ok"]:
+        pytest.skip("the probe found 16-row products that depend on the batch here: the contract is refused")
+    # rows then attend one call each, which the perturbation does not touch: still the reference
+    out = decode(setup.model, setup.ids, DecodePolicy("invariant", contract="batch-invariant"), 4, MAX_NEW,
+                 setup.eos, setup.pad, keep_logits=True, probe_report=clean)
+    _assert_exact(out, refs)
+
+
+def test_shared_prefill_is_refused_when_packing_changes_a_prompt(setup, monkeypatch) -> None:
+    import mgaudit.packed as packed
+
+    real = packed.packed_attention
+
+    def packing_differs(module, query, key, value, attention_mask, **kwargs):
+        out, w = real(module, query, key, value, attention_mask, **kwargs)
+        return (_one_ulp(out) if len(packed._segments.get()) > 2 else out), w  # more than one prompt packed
+
+    clean = probe(setup.model, 4)
+    assert clean.prefill is not None and clean.prefill["compared"] >= 1
+    refs = [reference_decode(setup.model, p, MAX_NEW, setup.eos, contract="batch-invariant", keep_logits=True)
+            for p in setup.ids]
+    monkeypatch.setattr(packed, "packed_attention", packing_differs)
+    found = packed.check_sharing(setup.model, 16)
+    assert found["ok"] is False
+    clean.prefill = found
+    assert plan_for(clean, 4, contract="batch-invariant").prefill_shared is False
+    if not clean.summary()["fixed_rows_ok"]:
+        pytest.skip("the probe found 16-row products that depend on the batch here: the contract is refused")
+    out = decode(setup.model, setup.ids, DecodePolicy("invariant", contract="batch-invariant"), 4, MAX_NEW,
+                 setup.eos, setup.pad, keep_logits=True, probe_report=clean)
+    _assert_exact(out, refs)
+
+
+def test_packed_prefill_matches_each_prompt_packed_alone_where_the_probe_says_so(setup) -> None:
+    from mgaudit.packed import packed_prefill
+
+    rep = probe(setup.model, 4)
+    if not (rep.prefill and rep.prefill["ok"]):
+        pytest.skip(f"the probe found packing changes a prompt's prefill here: {rep.prefill}")
+    prompts = setup.ids[:5]
+    logits, kv = packed_prefill(setup.model, prompts, 16, shared=True)
+    for j, p in enumerate(prompts):
+        lg, one = packed_prefill(setup.model, [p], 16, shared=False)
+        assert torch.equal(logits[j], lg[0])
+        assert all(torch.equal(k, k1) and torch.equal(v, v1) for (k, v), (k1, v1) in zip(kv[j], one[0]))
+        assert kv[j][0][0].shape[2] == len(p)
+
+
+def test_bucketed_attention_restores_the_thread_count_on_error() -> None:
+    from mgaudit.ragged import bucketed_sdpa
+
+    before = torch.get_num_threads()
+    q = torch.zeros(1, 2, 1, 4)
+    with pytest.raises(RuntimeError):
+        bucketed_sdpa(q, torch.zeros(1, 2, 3, 5), torch.zeros(1, 2, 3, 5), None, None, 1)  # head dims disagree
+    assert torch.get_num_threads() == before

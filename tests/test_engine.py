@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from mgaudit.engine import RowTrace, padded_decode, solo_decode, top2_stats
+from mgaudit.decoding.step import top2_stats
+from mgaudit.engine import RowTrace, padded_decode, solo_decode
 from mgaudit.prompts import Prompt, encode_prompt
 from tiny_tokenizer import build_tiny_tokenizer
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 from cli_helpers import assert_one_line_error, invoke, stderr_of
 
+import mgaudit.decoding.step as step_mod
 import mgaudit.engine as engine
 from mgaudit.errors import OutputError
 from mgaudit.scan import ScanConfig, scan
@@ -333,7 +334,7 @@ def test_08_plain_progress_lines_when_stderr_is_not_a_tty(tmp_path, prompts_file
 
 
 def test_08_plain_progress_throttles_and_gives_an_eta(capsys) -> None:
-    from mgaudit.console import ProgressReporter
+    from mgaudit.commands.console import ProgressReporter
     from mgaudit.progress import Stage
 
     now = {"t": 0.0}
@@ -572,7 +573,7 @@ def test_14_gate_from_another_stack_warns_or_is_refused(tmp_path, prompts_file, 
 
 def _force_batched_flip(monkeypatch, at_call: int = 2) -> None:
     """At every ``at_call``-th batched decode step of a padded batch, row 0's runner-up wins."""
-    real = engine._forward_last
+    real = step_mod.forward_last
     state = {"n": 0}
 
     def wrapper(model, input_ids, attention_mask, position_ids, cache):
@@ -585,7 +586,7 @@ def _force_batched_flip(monkeypatch, at_call: int = 2) -> None:
                 logits[0, top.indices[1]] = top.values[0] + 0.5
         return logits
 
-    monkeypatch.setattr(engine, "_forward_last", wrapper)
+    monkeypatch.setattr(step_mod, "forward_last", wrapper)
 
 
 def test_15_first_divergence_marks_one_step_per_parted_sequence(tmp_path, prompts_file, tiny_model_dir, tiny_lm,

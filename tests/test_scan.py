@@ -246,7 +246,7 @@ def test_non_empty_out_needs_resume_or_overwrite(tmp_path, prompts_file, tiny_mo
     scan(_config(prompts_file, out, tiny_model_dir, batch_sizes=[2], limit=4), loaded=tiny_lm)
     with pytest.raises(OutputError, match="already holds") as info:
         scan(_config(prompts_file, out, tiny_model_dir, batch_sizes=[2], limit=4), loaded=tiny_lm)
-    assert "--resume" in info.value.one_line() and "--overwrite" in info.value.one_line()
+    assert "`resume`" in info.value.one_line() and "`overwrite`" in info.value.one_line()
     # --overwrite starts over.
     result = scan(_config(prompts_file, out, tiny_model_dir, batch_sizes=[2], limit=4, overwrite=True),
                   loaded=tiny_lm)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 import signal
 import threading
 from typing import Any, Callable
 
 import typer
 
-from ..console import print_json, say
+from .console import print_json, say
 from ..errors import (EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGTERM, ContextLengthError, HubUnavailableError,
                       MgauditError, ResourceError, Terminated)
 from .clihelp import CLICK_FLOW
@@ -45,11 +46,46 @@ def debug_enabled() -> bool:
 
 
 def error_line(exc: MgauditError) -> str:
-    """The one line shown for a library error, with the CLI's hint where it has one."""
+    """The one line shown for a library error, with the CLI's hint where it has one, and the
+    parameters it names (```batch_size```) as this CLI's flags (``--batch-size``)."""
     for cls, hint in CLI_HINTS.items():
         if isinstance(exc, cls):
-            return f"{exc.message} ({hint})"
-    return exc.one_line()
+            return as_flags(f"{exc.message} ({hint})")
+    return as_flags(exc.one_line())
+
+
+#: How library messages name a parameter: its Python name between backquotes.
+_PARAM = re.compile(r"`([a-z][a-z0-9_]*)`")
+_flags: set[str] = set()
+
+
+def known_flags() -> set[str]:
+    """Every long option of every mgaudit command."""
+    if not _flags:
+        import click
+
+        from ..cli import app
+
+        def walk(cmd: click.Command) -> None:
+            for p in cmd.params:
+                _flags.update(o for o in p.opts if o.startswith("--"))
+            for sub in getattr(cmd, "commands", {}).values():
+                walk(sub)
+
+        walk(typer.main.get_command(app))
+    return _flags
+
+
+def as_flags(text: str) -> str:
+    """``text`` with each backquoted parameter name that is a flag of this CLI written as that flag;
+    other backquoted names lose their quotes."""
+    flags = known_flags()
+
+    def flag(m: re.Match) -> str:
+        name = "--" + m.group(1).replace("_", "-")
+        return name if name in flags else m.group(1).replace("_", " ")
+
+    return _PARAM.sub(flag, text)
 
 
 def fail(line: str, code: int, as_json: bool) -> None:

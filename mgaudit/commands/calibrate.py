@@ -8,7 +8,7 @@ from typing import Any, List, Optional
 import typer
 from rich.table import Table
 
-from .. import console
+from . import console
 from . import options
 from .boundary import guarded
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .. import console
+from . import console
 from . import options
 from .boundary import guarded
 

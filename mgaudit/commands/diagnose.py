@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .. import console
+from . import console
 from . import options
 from .boundary import guarded
 

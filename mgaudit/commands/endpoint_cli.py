@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .. import console
+from . import console
 from ..errors import UsageError
 
 ENDPOINT = typer.Option(None, "--endpoint", metavar="URL",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .. import console
+from . import console
 from . import options
 from .boundary import guarded
 

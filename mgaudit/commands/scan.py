@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from .. import console
+from . import console
 from . import endpoint_cli, options
 from .boundary import guarded
 

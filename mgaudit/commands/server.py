@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .. import console
+from . import console
 from . import options
 from .boundary import guarded
 

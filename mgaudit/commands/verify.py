@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .. import console
+from . import console
 from ..errors import UsageError
 from . import endpoint_cli, options
 from .boundary import guarded
@@ -84,8 +84,9 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(16, "--batch-size", "-b", metavar="N", help="Prompts decoded together."),
         contract: str = typer.Option("solo", "--contract", metavar="CONTRACT",
                                      help="solo: identical to stock solo decoding (generate at batch size 1); "
-                                          "batch-invariant: every decode GEMM at a fixed row count, solo included, "
-                                          "checked against that batch-1 run."),
+                                          "batch-invariant: kernels whose result for a prompt does not depend on the "
+                                          "batch (fixed-size GEMMs, packed prefill, padded attention), checked "
+                                          "against the prompt alone through them."),
         audit_every: int = typer.Option(None, "--audit-every", metavar="K",
                                         help="gate: check every row bit for bit at batch size 1 at least every K "
                                              "steps, whatever its margin (default 16)."),

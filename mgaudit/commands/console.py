@@ -81,7 +81,7 @@ class ProgressReporter:
 
     def __enter__(self) -> "ProgressReporter":
         if self.tty and not self.quiet:
-            from .progress import as_callback
+            from ..progress import as_callback
 
             self.bar = progress()
             self.bar.start()
