@@ -54,7 +54,7 @@ async def _bare(url: str, specs, concurrency: int, timeout: float) -> float:
 async def _recorded(url: str, specs, refs, ids, concurrency: int, timeout: float, out: Path) -> float:
     from mgaudit.endpoint.audit import pair_rows
     from mgaudit.endpoint.client import EndpointClient
-    from mgaudit.traces import atomic_write_table, rows_to_table
+    from mgaudit.formats.traces import atomic_write_table, rows_to_table
 
     sem = asyncio.Semaphore(concurrency)
     rows: list[dict] = []

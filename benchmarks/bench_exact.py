@@ -51,8 +51,8 @@ def main(argv=None) -> int:
 
 
 
-    from mgaudit.gated import DecodePolicy, decode, reference_decode
-    from mgaudit.invariance import cpu_identity, probe
+    from mgaudit.decoding.policies import DecodePolicy, decode, reference_decode
+    from mgaudit.decoding.invariance import cpu_identity, probe
     from mgaudit.models import load_model
     from mgaudit.prompts import encode_prompt, load_prompts
 

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     args = ap.parse_args(argv)
 
-    from mgaudit.engine import padded_decode, solo_decode
+    from mgaudit.decoding.stock import padded_decode, solo_decode
     from mgaudit.models import load_model
     from mgaudit.prompts import encode_prompt, load_prompts
 

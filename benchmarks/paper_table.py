@@ -59,9 +59,9 @@ def main(argv=None) -> int:
     import torch
 
     from mgaudit.calibrate import CalibrateConfig, calibrate
-    from mgaudit.engine import solo_decode
+    from mgaudit.decoding.stock import solo_decode
     from mgaudit.errors import NoFlipsError
-    from mgaudit.gated import DecodePolicy, decode
+    from mgaudit.decoding.policies import DecodePolicy, decode
     from mgaudit.models import load_model
     from mgaudit.prompts import encode_prompt, load_prompts
     from mgaudit.scan import ScanConfig, parse_batch_sizes, scan
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         scans[s] = res.summary
     # 2. calibrate on one set, transfer to the others (or take a given gate)
     if args.gate is not None:
-        from mgaudit.calibrate import load_gate
+        from mgaudit.formats.gate import load_gate
 
         gate = load_gate(args.gate)
         tau, method, figures, transfer = gate["threshold"], f"from {args.gate}", gate.get("calibration", {}), []

@@ -61,7 +61,7 @@ def run_demo(config: DemoConfig, progress=None, log: Callable[[str], None] | Non
     from .errors import NoFlipsError
     from .models import load_model
     from .scan import ScanConfig, scan
-    from .traces import check_output_dir
+    from .formats.traces import check_output_dir
     from .verify import VerifyConfig, verify
 
     log = log or (lambda m: None)

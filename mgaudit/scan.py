@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from .errors import OutputError, UsageError
 from .progress import Stage, as_callback
-from .traces import (atomic_write_json, atomic_write_table, check_output_dir, is_mgaudit_trace, pair_rows,
+from .formats.traces import (atomic_write_json, atomic_write_table, check_output_dir, is_mgaudit_trace, pair_rows,
                      rows_to_table, solo_rows, stale_temp_files, trace_files)
 
 SOLO_CHUNK = 8
@@ -216,12 +216,12 @@ def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = 
     import torch
 
     from . import __version__
-    from .engine import padded_decode, solo_decode
+    from .decoding.stock import padded_decode, solo_decode
     from .models import load_model, model_context
     from .prompts import encode_prompt, fit_context, load_prompts
     from .resources import check_fits
     from .summary import summarize
-    from .traces import read_traces
+    from .formats.traces import read_traces
 
     log = log or (lambda msg: None)
     report = as_callback(progress)

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import GateMismatchError, UsageError
-from .gated import AUDIT_EVERY, CONTRACTS, FAST_PATHS, POLICIES, DecodePolicy, decode, reference_decode
+from .decoding.policies import AUDIT_EVERY, CONTRACTS, FAST_PATHS, POLICIES, DecodePolicy, decode, reference_decode
 from .progress import Stage, as_callback
-from .traces import check_output_file
+from .formats.traces import check_output_file
 
 REPORT_FORMAT = "mgaudit.verify"
 REPORT_VERSION = 1
@@ -141,7 +141,7 @@ def _shared(yes: str, no: str, check: dict[str, Any] | None) -> str:
 def compare(pid: str, solo, gated, tokenizer) -> dict[str, Any]:
     """A per-sequence record: identical or not, where the first difference is, and both token lists
     (``solo_tokens``, ``policy_tokens``) so a failure can be debugged from the report alone."""
-    from .traces import first_divergence
+    from .formats.traces import first_divergence
 
     s, g = solo.tokens, gated.tokens
     first = first_divergence(s, g)
@@ -183,12 +183,12 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
            loaded=None) -> dict[str, Any]:
     """Run solo and policy decoding; return the report dict (see REPORT_FORMAT)."""
     from . import __version__
-    from .architectures import check_supported
-    from .calibrate import float32_decimal, float32_value, load_gate
+    from .decoding.architectures import check_supported
+    from .formats.gate import float32_decimal, float32_value, load_gate
     from .models import load_model, model_context
     from .prompts import encode_prompt, fit_context, load_prompts
     from .resources import check_fits
-    from .traces import atomic_write_json
+    from .formats.traces import atomic_write_json
 
     log = log or (lambda m: None)
     report_progress = as_callback(progress)

@@ -24,14 +24,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import mgaudit.ragged as ragged
-from mgaudit.architectures import EXACT, TESTED, capabilities, check_supported
-from mgaudit.cache_ops import (batch_cache, columns_equal, layer_span, pad_cache_left, row_cache,
+import mgaudit.decoding.ragged as ragged
+from mgaudit.decoding.architectures import EXACT, TESTED, capabilities, check_supported
+from mgaudit.decoding.cache_ops import (batch_cache, columns_equal, layer_span, pad_cache_left, row_cache,
                                write_columns)
-from mgaudit.engine import solo_decode
+from mgaudit.decoding.stock import solo_decode
 from mgaudit.decoding.step import forward_last, new_cache
 from mgaudit.errors import UsageError
-from mgaudit.gated import DecodePolicy, decode, decode_batch
+from mgaudit.decoding.policies import DecodePolicy, decode, decode_batch
 
 VOCAB = 96
 LENGTHS = [3, 5, 9, 12, 17, 21]

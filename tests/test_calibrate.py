@@ -19,10 +19,10 @@ from mgaudit.calibrate import (
     candidate_table,
     figures_at,
     just_above,
-    load_gate,
 )
 from mgaudit.errors import GateError, TraceError, UsageError
-from mgaudit.traces import atomic_write_table, rows_to_table
+from mgaudit.formats.gate import load_gate
+from mgaudit.formats.traces import atomic_write_table, rows_to_table
 
 PROV = {"model": {"name": "tiny", "sha256": "x", "dtype": "bfloat16"}, "device": "cpu",
         "versions": {"torch": "0", "transformers": "0"}}

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from mgaudit.cli import app
-from mgaudit.diagnose import (
+from mgaudit.diagnose.run import (
     KV_COLUMNS,
     KvConfig,
     batch_for,
@@ -21,10 +21,10 @@ from mgaudit.diagnose import (
     probe_ops,
     run_kv,
 )
-from mgaudit.diagnose_layers import BLOCKS
+from mgaudit.diagnose.layers import BLOCKS
 from mgaudit.errors import PromptError, UsageError
 from mgaudit.models import LoadedModel
-from mgaudit.traces import PROVENANCE_KEY
+from mgaudit.formats.traces import PROVENANCE_KEY
 
 from tiny_tokenizer import build_tiny_tokenizer
 
@@ -87,7 +87,7 @@ def _ids(lm, text):
 
 def test_parse_rows():
     from mgaudit.commands.diagnose import DEFAULT_ROWS_TEXT
-    from mgaudit.diagnose import DEFAULT_ROWS
+    from mgaudit.diagnose.run import DEFAULT_ROWS
 
     assert parse_rows(DEFAULT_ROWS_TEXT) == list(DEFAULT_ROWS)
     assert parse_rows("64, 1,2,2") == [1, 2, 64]
@@ -272,7 +272,7 @@ def test_diagnose_ops_agrees_with_the_powered_probe_on_the_default_model(real_lm
     """No CPU's figures are pinned: whatever the single-draw table shows for a linear shape must be
     consistent with the powered per-op probe (a shape the probe finds invariant up to R rows shows
     no difference at M <= R), and the attention facts that hold on every CPU are checked."""
-    from mgaudit.invariance import probe
+    from mgaudit.decoding.invariance import probe
 
     rows = (1, 2, 4, 8, 16)
     rep = probe_ops(real_lm, row_counts=rows)

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mgaudit.engine import solo_decode
-from mgaudit.gated import DecodePolicy, decode, reference_decode
-from mgaudit.invariance import (LayoutResult, OpResult, ProbeReport, decode_kernels, find_ops, plan_for,
+from mgaudit.decoding.stock import solo_decode
+from mgaudit.decoding.policies import DecodePolicy, decode, reference_decode
+from mgaudit.decoding.invariance import (LayoutResult, OpResult, ProbeReport, decode_kernels, find_ops, plan_for,
                                 probe)
 from mgaudit.prompts import encode_prompt, load_prompts
 from perturb import after_batched_forward
@@ -252,8 +252,8 @@ def _one_ulp(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_shared_attention_call_is_refused_when_a_row_differs_there(setup, monkeypatch) -> None:
-    import mgaudit.ragged as ragged
-    from mgaudit.invariance import probe_attention
+    import mgaudit.decoding.ragged as ragged
+    from mgaudit.decoding.invariance import probe_attention
 
     real = ragged.bucketed_sdpa
 
@@ -280,7 +280,7 @@ def test_shared_attention_call_is_refused_when_a_row_differs_there(setup, monkey
 
 
 def test_shared_prefill_is_refused_when_packing_changes_a_prompt(setup, monkeypatch) -> None:
-    import mgaudit.packed as packed
+    import mgaudit.decoding.packed as packed
 
     real = packed.packed_attention
 
@@ -305,7 +305,7 @@ def test_shared_prefill_is_refused_when_packing_changes_a_prompt(setup, monkeypa
 
 
 def test_packed_prefill_matches_each_prompt_packed_alone_where_the_probe_says_so(setup) -> None:
-    from mgaudit.packed import packed_prefill
+    from mgaudit.decoding.packed import packed_prefill
 
     rep = probe(setup.model, 4)
     if not (rep.prefill and rep.prefill["ok"]):
@@ -320,7 +320,7 @@ def test_packed_prefill_matches_each_prompt_packed_alone_where_the_probe_says_so
 
 
 def test_bucketed_attention_restores_the_thread_count_on_error() -> None:
-    from mgaudit.ragged import bucketed_sdpa
+    from mgaudit.decoding.ragged import bucketed_sdpa
 
     before = torch.get_num_threads()
     q = torch.zeros(1, 2, 1, 4)

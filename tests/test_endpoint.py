@@ -122,7 +122,7 @@ def test_no_logprobs_exit_2_then_tokens_only(fake, chat_file: Path, tmp_path: Pa
 
 
 def test_scan_calibrate_verify_fake(fake, chat_file: Path, tmp_path: Path):
-    from mgaudit.traces import read_traces
+    from mgaudit.formats.traces import read_traces
 
     out = tmp_path / "traces"
     result = invoke(["scan", str(chat_file), "--endpoint", fake.url, "--batch-sizes", "4,8", "--out", str(out),
@@ -235,7 +235,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.slow
 def test_llama_server_scan_calibrate_verify(llama_server, tmp_path: Path):
-    from mgaudit.traces import read_traces
+    from mgaudit.formats.traces import read_traces
 
     out = tmp_path / "traces"
     result = invoke(["scan", str(HELDOUT_CHAT), "--endpoint", llama_server.url, "--batch-sizes", "4,8",

@@ -1,4 +1,4 @@
-"""The decode loops of ``mgaudit.engine`` against ``model.generate`` (tiny random model, CPU)."""
+"""The decode loops of ``mgaudit.decoding.stock`` against ``model.generate`` (tiny random model, CPU)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mgaudit.decoding.step import top2_stats
-from mgaudit.engine import RowTrace, padded_decode, solo_decode
+from mgaudit.decoding.stock import RowTrace, padded_decode, solo_decode
 from mgaudit.prompts import Prompt, encode_prompt
 from tiny_tokenizer import build_tiny_tokenizer
 

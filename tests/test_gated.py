@@ -1,4 +1,4 @@
-"""Batched decoding under a policy (mgaudit.gated) on the tiny random model (CPU).
+"""Batched decoding under a policy (mgaudit.decoding.policies) on the tiny random model (CPU).
 
 Exactness: every policy but ``none`` must reproduce the solo (batch size 1)
 tokens. Repairs: a perturbation injected into the batched fast path only (a
@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from perturb import after_batched_forward, flip_logits_at
-import mgaudit.invariance as invariance
-import mgaudit.ragged as ragged
-from mgaudit.engine import solo_decode
+import mgaudit.decoding.invariance as invariance
+import mgaudit.decoding.ragged as ragged
+from mgaudit.decoding.stock import solo_decode
 from mgaudit.errors import UsageError
-from mgaudit.gated import DecodePolicy, decode
-from mgaudit.invariance import invariant_rows, row_chunked_linears
+from mgaudit.decoding.policies import DecodePolicy, decode
+from mgaudit.decoding.invariance import invariant_rows, row_chunked_linears
 from mgaudit.prompts import encode_prompt, load_prompts
-from mgaudit.ragged import RAGGED, ragged_step
+from mgaudit.decoding.ragged import RAGGED, ragged_step
 
 N = 8
 MAX_NEW = 12

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mgaudit.gated import DecodePolicy, decode, reference_decode
+from mgaudit.decoding.policies import DecodePolicy, decode, reference_decode
 from mgaudit.prompts import encode_prompt, load_prompts
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def test_always_reproduces_solo(chat) -> None:
 @pytest.mark.parametrize("policy", ["invariant", "gate"])
 def test_batch_invariant_contract_reproduces_its_reference(chat, policy) -> None:
     from mgaudit.errors import UsageError
-    from mgaudit.invariance import probe
+    from mgaudit.decoding.invariance import probe
 
     pol = DecodePolicy(policy, 0.5 if policy == "gate" else None, contract="batch-invariant")
     if not probe(chat.model, BATCH).summary()["fixed_rows_ok"]:

@@ -24,7 +24,7 @@ import torch
 from cli_helpers import assert_one_line_error, invoke, stderr_of
 
 import mgaudit.decoding.step as step_mod
-import mgaudit.engine as engine
+import mgaudit.decoding.stock as engine
 from mgaudit.errors import OutputError
 from mgaudit.scan import ScanConfig, scan
 
@@ -212,7 +212,7 @@ def test_05_temp_files_match_no_parquet_glob_and_resume_removes_them(tmp_path, p
                                                                      tiny_lm, monkeypatch) -> None:
     import duckdb
 
-    from mgaudit import traces
+    from mgaudit.formats import traces
 
     out = tmp_path / "t"
     real_replace = traces.os.replace
@@ -622,7 +622,7 @@ def test_15_first_divergence_marks_one_step_per_parted_sequence(tmp_path, prompt
 
 
 def test_15_version_1_traces_still_read(tmp_path, prompts_file, tiny_model_dir, tiny_lm) -> None:
-    from mgaudit.traces import read_traces
+    from mgaudit.formats.traces import read_traces
 
     out = tmp_path / "t"
     scan(_cfg(prompts_file, out, tiny_model_dir), loaded=tiny_lm)
@@ -639,7 +639,7 @@ def test_15_version_1_traces_still_read(tmp_path, prompts_file, tiny_model_dir, 
 
 
 def test_16_thresholds_print_as_shortest_float32_decimals(tmp_path) -> None:
-    from mgaudit.calibrate import float32_text, float32_up
+    from mgaudit.formats.gate import float32_text, float32_up
     from test_calibrate import FLIPS_FIT, make_rows, write_traces
 
     assert float32_text(0.3125000298023224) == "0.31250003"
@@ -662,7 +662,7 @@ def test_16_thresholds_print_as_shortest_float32_decimals(tmp_path) -> None:
     assert literal == float32_text(tau) and len(literal) <= 10
     assert f"chosen tau = {literal}" in res.stdout
     assert not re.search(r"\d\.\d{12,}", res.stdout)  # no float64 noise anywhere in the tables
-    from mgaudit.calibrate import load_gate
+    from mgaudit.formats.gate import load_gate
 
     assert load_gate(gate)["threshold"] == float(np.float32(tau))
 

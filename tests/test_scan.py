@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import mgaudit
 from mgaudit.errors import MgauditError, ModelError, OutputError, PromptError, UsageError
 from mgaudit.scan import ScanConfig, batch_groups, parse_batch_sizes, scan
-from mgaudit.traces import PROVENANCE_KEY
+from mgaudit.formats.traces import PROVENANCE_KEY
 
 N_PROMPTS = 10  # conftest's prompts_file
 SORT = ["mode", "batch_size", "prompt_index", "step"]
@@ -279,13 +279,13 @@ def test_cli_existing_output_exits_2(tmp_path, prompts_file, tiny_model_dir) -> 
 
 def test_interrupted_scan_leaves_complete_files_and_resumes(tmp_path, prompts_file, tiny_model_dir, tiny_lm,
                                                              monkeypatch) -> None:
-    from mgaudit import engine
+    from mgaudit.decoding import stock as engine
 
     ref = tmp_path / "ref"
     scan(_config(prompts_file, ref, tiny_model_dir), loaded=tiny_lm)
     out = tmp_path / "t"
 
-    # scan imports padded_decode from mgaudit.engine at call time: count batched units
+    # scan imports padded_decode from mgaudit.decoding.stock at call time: count batched units
     # (the first padded_decode call of a unit is its sync pass) and raise inside the 2nd.
     real = engine.padded_decode
     calls = {"n": 0}
@@ -324,7 +324,7 @@ def test_interrupted_scan_leaves_complete_files_and_resumes(tmp_path, prompts_fi
 
 def test_interrupt_during_write_leaves_no_temp_file(tmp_path, prompts_file, tiny_model_dir, tiny_lm,
                                                     monkeypatch) -> None:
-    from mgaudit import traces
+    from mgaudit.formats import traces
 
     out = tmp_path / "t"
     real = traces.os.replace
@@ -348,7 +348,7 @@ def test_interrupt_during_write_leaves_no_temp_file(tmp_path, prompts_file, tiny
 
 
 def test_cli_interrupt_exits_130_and_resume_finishes(tmp_path, prompts_file, tiny_model_dir, monkeypatch) -> None:
-    from mgaudit import engine
+    from mgaudit.decoding import stock as engine
 
     real = engine.padded_decode
     calls = {"n": 0}

@@ -20,7 +20,7 @@ def _pct(x: float | None) -> str:
 def _tau(x: float | None) -> str:
     """The shortest decimal that reads back as the same float32 (a fitted tau often sits one float32
     step above a flip margin: 0.12500001 rather than 0.125; the smallest subnormal is 1e-45)."""
-    from ..calibrate import float32_text
+    from ..formats.gate import float32_text
 
     return "-" if x is None else float32_text(x)
 

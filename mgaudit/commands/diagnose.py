@@ -123,7 +123,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = options.JSON,
     ) -> None:
         """Probe every op (Linear shapes, RMSNorm, rotary, sdpa) for bit-identity to batch 1 as M grows."""
-        from ..diagnose import OpsConfig, parse_rows, run_ops
+        from ..diagnose.run import OpsConfig, parse_rows, run_ops
 
         config = OpsConfig(model=model, dtype=dtype, device=device, rows=parse_rows(rows), seed=seed,
                            kv_len=kv_len, attn_implementation=attn, threads=threads)
@@ -152,7 +152,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = options.JSON,
     ) -> None:
         """Per step, the first layer and block (attention/MLP) where the batched row leaves solo."""
-        from ..diagnose import PromptConfig, run_prompt
+        from ..diagnose.run import PromptConfig, run_prompt
 
         config = PromptConfig(prompt=prompt, prompts=prompts, model=model, dtype=dtype, device=device,
                               batch_size=batch_size, max_new_tokens=max_new_tokens, row=row, exact=exact,
@@ -184,7 +184,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = options.JSON,
     ) -> None:
         """Solo vs batched K/V caches per layer and step, until argmax flips are found; slope of the drift."""
-        from ..diagnose import KvConfig, run_kv
+        from ..diagnose.run import KvConfig, run_kv
 
         config = KvConfig(prompts=prompts, out=out, model=model, dtype=dtype, device=device, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, limit=limit, flips=flips, plot=plot, chat=not no_chat,

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         """Load a model and print its provenance as JSON, with which exact policies it supports."""
         from rich.markup import escape
 
-        from ..architectures import capabilities
+        from ..decoding.architectures import capabilities
         from ..models import load_model
 
         lm = load_model(model, dtype, device, log=lambda m: console.err.print(m))

@@ -1,9 +1,9 @@
 """The one greedy decode loop of mgaudit, as a generator of steps.
 
 Every decoder is a consumer of :func:`greedy`: stock solo decoding and scan's
-batched replays (:mod:`mgaudit.engine`), the policies with their checks and
-repairs (:mod:`mgaudit.gated`), and diagnose's solo/batched lockstep
-(:mod:`mgaudit.diagnose_layers`). The loop owns what they must agree on: which
+batched replays (:mod:`mgaudit.decoding.stock`), the policies with their checks and
+repairs (:mod:`mgaudit.decoding.policies`), and diagnose's solo/batched lockstep
+(:mod:`mgaudit.diagnose.layers`). The loop owns what they must agree on: which
 rows are still decoding, the EOS rule, each row's step budget, the tokens fed
 (pads for finished rows), the positions, and the call that advances the model by
 one step. What differs between consumers is a **strategy** passed in:
@@ -11,7 +11,7 @@ one step. What differs between consumers is a **strategy** passed in:
 * the prefill (run before the loop: the first logits and the cache come in);
 * ``advance(cache, fed, positions) -> logits``: one forward of the batch,
   generate-style with a growing padding mask (:class:`Padded`) or any other way
-  (the ragged fast path of :mod:`mgaudit.gated`);
+  (the ragged fast path of :mod:`mgaudit.decoding.policies`);
 * what the consumer does at each yielded :class:`Step`: record statistics, change
   a row's token (teacher forcing, a verifier's repair, lockstep feeding), or end a
   row without a token (``chosen[b] = None``).

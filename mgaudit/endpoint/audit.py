@@ -43,11 +43,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import traces
+from ..formats import traces
 from ..errors import OutputError, TraceError, UsageError
 from ..progress import Stage, as_callback
 from ..scan import batch_groups
-from ..traces import (atomic_write_json, atomic_write_table, read_provenance, rows_to_table, stale_temp_files,
+from ..formats.traces import (atomic_write_json, atomic_write_table, read_provenance, rows_to_table, stale_temp_files,
                       trace_files)
 from .client import Completion, EndpointClient, RequestSpec, ServerInfo, TokenMap, logprob_precision
 
@@ -421,7 +421,7 @@ def _endpoint_summary(units: list[dict[str, Any]], table) -> dict[str, Any]:
 async def _scan_async(config: EndpointScanConfig, progress, log: Callable[[str], None]) -> EndpointScanResult:
     from .. import __version__
     from ..summary import summarize
-    from ..traces import read_traces
+    from ..formats.traces import read_traces
 
     t0 = time.perf_counter()
     out = Path(config.out)

@@ -94,7 +94,7 @@ def _packed(model, bounds: list[int]) -> Iterator[None]:
 def _one_pack(model, prompts: Sequence[Sequence[int]], plan) -> tuple[torch.Tensor, list[list[tuple[Any, Any]]]]:
     """Prefill ``prompts`` as one pack: last-token logits per prompt and per-prompt K/V per layer."""
     from .cache_ops import cache_layers
-    from .decoding.step import cache_kwarg, new_cache
+    from .step import cache_kwarg, new_cache
     from .invariance import decode_kernels
 
     device = model.device

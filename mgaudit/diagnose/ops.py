@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import ModelError, UsageError
+from ..errors import ModelError, UsageError
 
 DEFAULT_ROWS = (1, 2, 3, 4, 8, 16, 32, 48, 63, 64, 65, 96, 128, 256)
 MAX_ROWS = 8192
@@ -89,7 +89,7 @@ class OpsReport:
     verdict: str = ""
     torch_threads: int = 0
     provenance: dict[str, Any] = field(default_factory=dict)
-    #: the powered per-op probe the ragged path plans with (mgaudit.invariance), as its summary
+    #: the powered per-op probe the ragged path plans with (mgaudit.decoding.invariance), as its summary
     limits: dict[str, Any] | None = None
 
     def op(self, name: str) -> OpResult:

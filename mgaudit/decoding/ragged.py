@@ -91,7 +91,7 @@ def layer_windows(model) -> list[int | None]:
     found = _windows_cache.get(model)
     if found is None:
         from .cache_ops import cache_layers, layer_window
-        from .decoding.step import new_cache
+        from .step import new_cache
 
         found = [layer_window(layer) for layer in cache_layers(new_cache(model))]
         _windows_cache[model] = found
@@ -319,7 +319,7 @@ def ragged_step(model, starts: Sequence[int], cache=None, bucket: int | None = N
     layers that call sdpa directly with no window; ``share_span`` lets rows share one call.
 
     ``cache`` (optional): the batch cache the forward runs on. Without it, every layer's
-    K/V must hold all columns (as :func:`mgaudit.cache_ops.pad_cache_left` builds them);
+    K/V must hold all columns (as :func:`mgaudit.decoding.cache_ops.pad_cache_left` builds them);
     with it, caches whose sliding layers keep only their window work too.
     """
     _register()

@@ -28,8 +28,8 @@ Policies (see docs/design.md for why):
 Contracts: ``solo`` (the default): identical to what the model gives alone with
 the stock kernels (``generate`` at batch size 1). ``batch-invariant``: kernels
 whose result for a prompt does not depend on the batch (the packed prefill of
-:mod:`mgaudit.packed`, every linear layer of a decode step at a fixed row count,
-attention over K/V padded to a multiple of a bucket: :func:`mgaudit.ragged.bucketed_sdpa`),
+:mod:`mgaudit.decoding.packed`, every linear layer of a decode step at a fixed row count,
+attention over K/V padded to a multiple of a bucket: :func:`mgaudit.decoding.ragged.bucketed_sdpa`),
 solo included; its reference is the batch-1 run through the same kernels (see
 :func:`reference_decode`).
 """
@@ -45,10 +45,10 @@ import torch
 
 from .cache_ops import (batch_cache, cache_layers, columns_equal, pad_cache_left, pad_columns_left, row_cache,
                         write_columns)
-from .decoding import step as _step
-from .decoding.loop import Padded, greedy, padded_prefill
-from .decoding.step import left_pad, new_cache, top2_stats
-from .errors import UsageError
+from . import step as _step
+from .loop import Padded, greedy, padded_prefill
+from .step import left_pad, new_cache, top2_stats
+from ..errors import UsageError
 
 POLICIES = ("none", "always", "gate", "invariant")
 FAST_PATHS = ("ragged", "padded")
@@ -233,7 +233,7 @@ def decode_batch(
 ) -> list[SequenceResult]:
     """Greedy-decode one batch of prompts under ``policy``.
 
-    ``plan`` (an :class:`mgaudit.invariance.Plan`) says how each op runs on the ragged
+    ``plan`` (an :class:`mgaudit.decoding.invariance.Plan`) says how each op runs on the ragged
     path; ``max_rows`` is the older override (every linear layer in chunks of that many
     rows). Drift events lower ops in ``plan`` in place.
     """
@@ -421,7 +421,7 @@ def reference_decode(model, prompt: Sequence[int], max_new_tokens: int, eos_ids:
     ``solo``: stock kernels, what ``generate`` gives for the prompt alone.
     ``batch-invariant``: the same prompt alone through the fixed-row-count kernels.
     """
-    from .engine import solo_decode
+    from .stock import solo_decode
 
     if contract == "solo":
         tr = solo_decode(model, prompt, max_new_tokens, eos_ids, keep_logits=keep_logits)

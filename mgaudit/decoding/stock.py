@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .decoding.loop import greedy, padded_prefill
+from .loop import greedy, padded_prefill
 
 
 @dataclass

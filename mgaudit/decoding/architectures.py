@@ -2,9 +2,9 @@
 that refuses a model before any decoding when a policy cannot be exact on it.
 
 The exact policies (``always``, ``gate``, ``invariant``) rest on three pieces of
-machinery: the ragged decode step (``mgaudit.ragged``: each row's attention over its
+machinery: the ragged decode step (``mgaudit.decoding.ragged``: each row's attention over its
 own K/V, MoE blocks one row at a time), the verifier's batch-1 recomputation on a row
-cache, and the cache surgery between them (``mgaudit.cache_ops``). ``none`` is
+cache, and the cache surgery between them (``mgaudit.decoding.cache_ops``). ``none`` is
 ``generate``'s own batched decode and works on every model.
 
 :data:`FEATURES` says, per feature, which exact policies handle it and how (or why
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UsageError
+from ..errors import UsageError
 
 EXACT = ("always", "gate", "invariant")
 ALL_POLICIES = ("none",) + EXACT

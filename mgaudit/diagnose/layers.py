@@ -27,9 +27,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .diagnose_ops import model_parts
-from .decoding.loop import greedy, padded_prefill
-from .errors import UsageError
+from .ops import model_parts
+from ..decoding.loop import greedy, padded_prefill
+from ..errors import UsageError
 
 BLOCKS = ("attention", "mlp", "layer")  # order inside a decoder layer; "layer" = its output
 

@@ -2,14 +2,14 @@
 
 Three probes, each with a verdict in words:
 
-* :func:`~mgaudit.diagnose_ops.probe_ops` (``diagnose ops``): op by op, for the model's
+* :func:`~mgaudit.diagnose.ops.probe_ops` (``diagnose ops``): op by op, for the model's
   own shapes, is the result of a row bit-identical to its batch-1 result as the number
   of rows M grows? (Linear shapes, prefill- vs decode-shaped Linear, RMSNorm, rotary,
   sdpa with and without a padding mask, longer masked caches.)
-* :func:`~mgaudit.diagnose_layers.locate_divergence` (``diagnose prompt``): for one
+* :func:`~mgaudit.diagnose.layers.locate_divergence` (``diagnose prompt``): for one
   prompt solo vs inside a left-padded batch, teacher-forced, the first layer and block
   (attention or MLP) whose output differs, per step.
-* :func:`~mgaudit.diagnose_layers.kv_drift` (``diagnose kv``): how far the batched K/V
+* :func:`~mgaudit.diagnose.layers.kv_drift` (``diagnose kv``): how far the batched K/V
   cache has drifted from the solo one, per layer and step, up to the first argmax flip;
   written to Parquet (:data:`KV_SCHEMA`) with a PNG plot.
 
@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from .diagnose_layers import (  # noqa: F401  (re-exported)
+from .layers import (  # noqa: F401  (re-exported)
     KvDriftResult,
     LocateReport,
     StepDivergence,
@@ -39,9 +39,9 @@ from .diagnose_layers import (  # noqa: F401  (re-exported)
     locate_divergence,
     locate_verdict,
 )
-from .diagnose_ops import DEFAULT_ROWS, OpPoint, OpResult, OpsReport, ops_verdict, parse_rows, probe_ops  # noqa: F401
-from .errors import OutputError, PromptError, UsageError
-from .traces import PROVENANCE_KEY, SCHEMA_VERSION_KEY, atomic_write_bytes, atomic_write_table
+from .ops import DEFAULT_ROWS, OpPoint, OpResult, OpsReport, ops_verdict, parse_rows, probe_ops  # noqa: F401
+from ..errors import OutputError, PromptError, UsageError
+from ..formats.traces import PROVENANCE_KEY, SCHEMA_VERSION_KEY, atomic_write_bytes, atomic_write_table
 
 KV_SCHEMA_VERSION = "1"
 KV_FILE = "kv.parquet"
@@ -149,7 +149,7 @@ class KvConfig:
 
 def pick_prompt(prompt_set, text_or_id: str):
     """The prompt of ``prompt_set`` with this id, else a new prompt with this text."""
-    from .prompts import Prompt
+    from ..prompts import Prompt
 
     text_or_id = str(text_or_id)
     for p in prompt_set.prompts:
@@ -180,7 +180,7 @@ def batch_for(index: int | None, probe_ids: list[int], encoded: list[list[int]],
 
 def _load(config, log, loaded=None):
     """Set the torch thread count when asked, then load the model (unless one is given)."""
-    from .models import load_model
+    from ..models import load_model
 
     if config.threads is not None:
         import torch
@@ -199,7 +199,7 @@ def run_ops(config: OpsConfig, log: Callable[[str], None] | None = None, loaded=
     report = probe_ops(lm, row_counts=config.rows, seed=config.seed, kv_len=config.kv_len, progress=log)
     report.provenance = lm.provenance()
     # the same evidence the ragged path plans with: per-op row limits with stated power
-    from .invariance import probe
+    from ..decoding.invariance import probe
 
     up_to = max(2, min(max(config.rows), 64))
     report.limits = probe(lm.model, up_to, seed=config.seed).summary()
@@ -207,7 +207,7 @@ def run_ops(config: OpsConfig, log: Callable[[str], None] | None = None, loaded=
 
 
 def run_prompt(config: PromptConfig, log: Callable[[str], None] | None = None, loaded=None) -> LocateReport:
-    from .prompts import encode_prompt, load_prompts
+    from ..prompts import encode_prompt, load_prompts
 
     config.validate()
     prompt_set = load_prompts(config.prompts)
@@ -235,8 +235,8 @@ def run_kv(config: KvConfig, log: Callable[[str], None] | None = None, loaded=No
     """kv_drift over the prompts, in order, until ``config.flips`` prompts have flipped."""
     import torch
 
-    from . import __version__
-    from .prompts import encode_prompt, load_prompts
+    from .. import __version__
+    from ..prompts import encode_prompt, load_prompts
 
     config.validate()
     prompt_set = load_prompts(config.prompts)  # --limit bounds the probed prompts; fillers come from all

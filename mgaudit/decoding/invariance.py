@@ -185,7 +185,7 @@ class _Pool:
 @torch.inference_mode()
 def capture_activations(model, steps: int = 8, prompt_len: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
     """Inputs seen by each op during ``steps`` single-token decode steps of a short greedy run."""
-    from .decoding.step import forward_last, new_cache
+    from .step import forward_last, new_cache
 
     ops = find_ops(model)
     by_module = {id(m): op for op in ops for m in op.modules}
@@ -263,7 +263,7 @@ class ProbeReport:
     fixed_rows: int = FIXED_ROWS
     #: batch-invariant attention: whether rows padded to the bucket may share one call (see probe_attention)
     attention: dict[str, Any] | None = None
-    #: batch-invariant prefill: whether prompts may share one pack (see mgaudit.packed.check_sharing)
+    #: batch-invariant prefill: whether prompts may share one pack (see mgaudit.decoding.packed.check_sharing)
     prefill: dict[str, Any] | None = None
     cached: bool = False
 
@@ -351,7 +351,7 @@ def _weights_digest(model) -> str:
 
 
 def _cache_path(fp: dict[str, Any]) -> Path:
-    from .models import cache_root
+    from ..models import cache_root
 
     digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:20]
     return cache_root() / "probes" / f"probe-{digest}.json"
@@ -373,7 +373,7 @@ def _load_cached(fp: dict[str, Any], up_to: int) -> ProbeReport | None:
 
 
 def _store(rep: ProbeReport) -> None:
-    from .traces import atomic_write_json
+    from ..formats.traces import atomic_write_json
 
     try:
         atomic_write_json(_cache_path(rep.fingerprint), rep.to_json())

@@ -14,7 +14,7 @@ query at column ``q`` sees only columns ``k > q - window`` (the ``window - 1``
 previous ones and itself). So:
 
 * :func:`pad_cache_left` builds the *ragged* batch cache with full-length
-  ``DynamicLayer`` s in every layer: ragged attention (``mgaudit.ragged``) applies
+  ``DynamicLayer`` s in every layer: ragged attention (``mgaudit.decoding.ragged``) applies
   each layer's window itself, and the verifier can copy any row's history out.
   Columns a solo prefill's sliding layer had already dropped (a prompt longer than
   the window) are zeros there; they lie outside every later window of that row.
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .decoding.step import new_cache
+from .step import new_cache
 
 
 def cache_layers(cache):

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from .errors import OutputError, TraceError
+from ..errors import OutputError, TraceError
 
 SCHEMA_VERSION = "2"  # 2: the first_divergence column
 PROVENANCE_KEY = b"mgaudit.provenance"
