@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import OutputError, UsageError
 from .progress import Stage, as_callback
+from .formats.provenance import run_provenance
 from .formats.traces import (atomic_write_json, atomic_write_table, check_output_dir, is_mgaudit_trace, pair_rows,
                      rows_to_table, solo_rows, stale_temp_files, trace_files)
 
@@ -215,7 +215,6 @@ def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = 
     """Run the scan described by ``config``; return the summary. See the module doc."""
     import torch
 
-    from . import __version__
     from .decoding.stock import padded_decode, solo_decode
     from .models import load_model, model_context
     from .prompts import encode_prompt, fit_context, load_prompts
@@ -254,16 +253,9 @@ def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = 
     check_fits(lm, max(sizes), max(len(e) for e in encoded), config.max_new_tokens,
                kept_logits_rows=n * config.max_new_tokens)
     _prepare_out(config, log)
-    provenance = {
-        **model_prov,
-        "prompts": {"source": prompt_set.source, "name": prompt_set.name, "sha256": prompt_set.sha256,
-                    "count": len(prompt_set.prompts), "skipped_too_long": [prompt_set.prompts[i].id for i in
-                                                                         range(len(encoded_all)) if i not in kept]},
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        "batch_sizes": sizes,
-        "mgaudit_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    skipped = [prompt_set.prompts[i].id for i in range(len(encoded_all)) if i not in kept]
+    provenance = run_provenance(model_prov, prompt_set, config, prompts_extra={"skipped_too_long": skipped},
+                                batch_sizes=sizes)
     atomic_write_json(out / MANIFEST, {"fingerprint": fingerprint, "batch_sizes": sizes, "provenance": provenance})
 
     index = kept  # prompt_index in the traces: the position in the prompt set as given

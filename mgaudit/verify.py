@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +18,7 @@ from .errors import GateMismatchError, UsageError
 from .decoding.policies import AUDIT_EVERY, CONTRACTS, FAST_PATHS, POLICIES, DecodePolicy, decode, reference_decode
 from .progress import Stage, as_callback
 from .formats.traces import check_output_file
+from .formats.provenance import run_provenance
 
 REPORT_FORMAT = "mgaudit.verify"
 REPORT_VERSION = 1
@@ -182,7 +182,6 @@ def compare(pid: str, solo, gated, tokenizer) -> dict[str, Any]:
 def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | None = None,
            loaded=None) -> dict[str, Any]:
     """Run solo and policy decoding; return the report dict (see REPORT_FORMAT)."""
-    from . import __version__
     from .decoding.architectures import check_supported
     from .formats.gate import float32_decimal, float32_value, load_gate
     from .models import load_model, model_context
@@ -282,14 +281,8 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
         "sequences": records,
         "drift": [asdict(e) | {"prompt_id": prompts[e.row].id} for e in out.drift_events],
         "probe": out.probe,
-        "provenance": {
-            **lm.provenance(),
-            "prompts": {"source": prompt_set.source, "name": prompt_set.name, "sha256": prompt_set.sha256,
-                        "count": len(prompt_set.prompts), "skipped_too_long": skipped},
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-            "mgaudit_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        },
+        "provenance": run_provenance(lm.provenance(), prompt_set, config,
+                                     prompts_extra={"skipped_too_long": skipped}),
     }
     if config.report is not None:
         atomic_write_json(Path(config.report), report)

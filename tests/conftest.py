@@ -122,3 +122,11 @@ def real_lm():
     from mgaudit.models import load_model
 
     return load_model("smollm2", device="cpu")
+
+
+def cut_after_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """``generate`` keeps padding a row after its EOS: compare up to and including the EOS."""
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens

@@ -86,10 +86,9 @@ def _ids(lm, text):
 
 
 def test_parse_rows():
-    from mgaudit.commands.diagnose import DEFAULT_ROWS_TEXT
     from mgaudit.diagnose.run import DEFAULT_ROWS
 
-    assert parse_rows(DEFAULT_ROWS_TEXT) == list(DEFAULT_ROWS)
+    assert parse_rows(",".join(map(str, DEFAULT_ROWS))) == list(DEFAULT_ROWS)
     assert parse_rows("64, 1,2,2") == [1, 2, 64]
     for bad in ("", "1,x", "0", "-3", "1.5"):
         with pytest.raises(UsageError):
@@ -193,8 +192,10 @@ def test_kv_drift_records(tiny):
     deep = [x[-1] for x in res.k_max_abs_diff]
     assert deep == sorted(deep)
     assert res.pad_len == len(long) - len(short)
-    if res.flipped_at_step is None:
-        assert res.window == res.steps
+    # the slope window: every step when nothing flipped, else the steps up to and including the first flip
+    end = len(res.steps) if res.flipped_at_step is None else res.steps.index(res.flipped_at_step) + 1
+    assert res.window == res.steps[:end]
+    assert res.flipped_at_step is None or res.flips[end - 1]
     rec = res.records()
     assert len(rec) == 2 * len(res.steps) and set(KV_COLUMNS) <= set(rec[0])
 

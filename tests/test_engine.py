@@ -9,6 +9,7 @@ import torch
 
 from mgaudit.decoding.step import top2_stats
 from mgaudit.decoding.stock import RowTrace, padded_decode, solo_decode
+from conftest import cut_after_eos
 from mgaudit.prompts import Prompt, encode_prompt
 from tiny_tokenizer import build_tiny_tokenizer
 
@@ -32,14 +33,6 @@ def _enc(lm, text: str, chat: bool = True) -> list[int]:
     return encode_prompt(lm.tokenizer, Prompt(id="t", text=text, messages=None), chat=chat)
 
 
-def _cut_after_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    """``generate`` keeps padding a row after its EOS: compare up to and including the EOS."""
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[: i + 1]
-    return tokens
-
-
 def _generate(lm, prompts: list[list[int]], max_new: int, eos_id: int) -> list[list[int]]:
     """Greedy ``generate`` on a left-padded batch built by the tokenizer."""
     tok = build_tiny_tokenizer(chat_template=True)  # a private copy: padding_side is mutated
@@ -57,7 +50,7 @@ def _generate(lm, prompts: list[list[int]], max_new: int, eos_id: int) -> list[l
             eos_token_id=eos_id,
             pad_token_id=lm.pad_token_id,
         )
-    return [_cut_after_eos(row[width:].tolist(), {eos_id}) for row in out]
+    return [cut_after_eos(row[width:].tolist(), {eos_id}) for row in out]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import mgaudit.decoding.ragged as ragged
 from mgaudit.decoding.stock import solo_decode
 from mgaudit.errors import UsageError
 from mgaudit.decoding.policies import DecodePolicy, decode
-from mgaudit.decoding.invariance import invariant_rows, row_chunked_linears
+from mgaudit.decoding.invariance import plan_for, probe, row_chunked_linears
 from mgaudit.prompts import encode_prompt, load_prompts
 from mgaudit.decoding.ragged import RAGGED, ragged_step
 
@@ -88,7 +88,6 @@ def test_policy_reproduces_solo(setup, key, batch_size) -> None:
     got = [r.tokens for r in out.sequences]
     for i, (g, s) in enumerate(zip(got, setup.solo_tokens)):
         assert g == s, (key, batch_size, i, g, s)
-    assert out.seconds > 0
 
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
@@ -113,7 +112,9 @@ def test_ragged_path_with_chunked_gemms(setup, max_rows) -> None:
 
 def test_max_rows_is_probed_on_the_ragged_path_only(setup) -> None:
     out = _decode(setup, DecodePolicy("invariant"), 4)
-    assert isinstance(out.max_rows, int) and 1 <= out.max_rows <= 4
+    # the smallest product the probe's plan runs: its chunk where the probe limited an op, else the batch
+    plan = plan_for(probe(setup.model, 4), 4, model=setup.model)
+    assert out.max_rows == min([p.chunk or 4 for p in plan.ops.values()] or [4])
     assert _decode(setup, DecodePolicy("always"), 4).max_rows is None
     assert _decode(setup, DecodePolicy("gate", 0.5, fast_path="padded"), 4).max_rows is None
 
@@ -218,9 +219,6 @@ def test_gate_repairs_a_flipped_logit(setup, monkeypatch, fast_path) -> None:
     r = out.sequences[0]
     assert r.margins[FLIP_STEP] == pytest.approx(0.01, abs=1e-3)
     assert r.verified[FLIP_STEP] and r.repaired[FLIP_STEP]
-    assert r.repairs >= 1
-    summary_repairs = sum(x.repairs for x in out.sequences)
-    assert summary_repairs >= 1
     assert [x.tokens for x in out.sequences] == setup.solo_tokens
 
 
@@ -335,8 +333,10 @@ def test_row_chunked_linears_rows_equal_one_row_calls(tiny_lm) -> None:
                 x = torch.randn(5, lin.in_features, generator=gen).to(lin.weight.dtype)
                 outs[lin] = (x, lin(x))
         _assert_linears_restored(model)
-        if invariant_rows(model, 2) < 2:
-            pytest.skip("2-row bf16 GEMMs are not row-invariant on this CPU; restoration checked only")
+        limited = [o.key for o in probe(model, 2).ops if o.kind == "linear" and o.layouts[0].limit < 2]
+        if limited:
+            pytest.skip(f"the probe found 2-row products of {limited} not row-invariant on this CPU: restoration "
+                        "checked only")
         for lin, (x, y) in outs.items():
             one = torch.cat([lin(x[i:i + 1]) for i in range(5)])
             assert torch.equal(y, one), lin
@@ -371,13 +371,6 @@ def test_ragged_attention_outside_a_block_raises() -> None:
         ragged.ragged_attention(None, torch.zeros(1, 1, 1, 1), None, None, None)
 
 
-def test_invariant_rows_in_range(tiny_lm) -> None:
-    r = invariant_rows(tiny_lm.model, 8)
-    assert isinstance(r, int) and 1 <= r <= 8
-    assert invariant_rows(tiny_lm.model, 1) == 1
-    assert 1 <= invariant_rows(tiny_lm.model, 3) <= 3
-
-
 # --------------------------------------------------------------------------- validation
 
 
@@ -407,12 +400,15 @@ def test_policy_validate_errors(policy, needle) -> None:
     assert "\n" not in exc.value.one_line()
 
 
-@pytest.mark.parametrize("policy", [DecodePolicy("none"), DecodePolicy("always"), DecodePolicy("invariant"),
-                                    DecodePolicy("gate", 0.0), DecodePolicy("gate", math.inf),
-                                    DecodePolicy("gate", 0.5, fast_path="padded", max_rows=1)],
-                         ids=["none", "always", "invariant", "gate-0", "gate-inf", "gate-padded"])
-def test_policy_validate_accepts(policy) -> None:
-    policy.validate()
+@pytest.mark.parametrize("policy, ragged, solo_prefill, audits", [
+    (DecodePolicy("none"), False, False, False), (DecodePolicy("always"), False, True, False),
+    (DecodePolicy("invariant"), True, True, False), (DecodePolicy("gate", 0.0), True, True, True),
+    (DecodePolicy("gate", math.inf), True, True, True),
+    (DecodePolicy("gate", 0.5, fast_path="padded", max_rows=1), False, False, False)],
+    ids=["none", "always", "invariant", "gate-0", "gate-inf", "gate-padded"])
+def test_policy_validate_accepts(policy, ragged, solo_prefill, audits) -> None:
+    policy.validate()  # raises on bad input (test_policy_validate_errors); here: what the policy runs
+    assert (policy.ragged, policy.solo_prefill, policy.audits) == (ragged, solo_prefill, audits)
 
 
 def test_decode_refuses_bad_input(setup) -> None:

@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import cut_after_eos
+from mgaudit.decoding.stock import solo_decode
 from mgaudit.prompts import encode_prompt, load_prompts
 from mgaudit.scan import ScanConfig, scan
 
@@ -32,13 +34,6 @@ def math_scan(tmp_path_factory, real_lm):
     return out, result, pd.read_parquet(out)
 
 
-def _cut_after_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[: i + 1]
-    return tokens
-
-
 def test_scan_solo_tokens_equal_generate(math_scan, real_lm) -> None:
     _, _, df = math_scan
     solo = df[df["mode"] == "solo"]
@@ -55,11 +50,27 @@ def test_scan_solo_tokens_equal_generate(math_scan, real_lm) -> None:
                 eos_token_id=eos,
                 pad_token_id=real_lm.pad_token_id,
             )
-        want = _cut_after_eos(out[0, len(ids):].tolist(), set(eos))
+        want = cut_after_eos(out[0, len(ids):].tolist(), set(eos))
         got = solo[solo["prompt_id"] == p.id].sort_values("step")["solo_token"].tolist()
         assert got == want, p.id
         row = solo[solo["prompt_id"] == p.id].iloc[0]
         assert row["prompt_len"] == len(ids)
+
+
+@pytest.mark.parametrize("set_name", ["chat", "code"])
+def test_the_loop_solo_equals_generate_at_64_tokens(real_lm, set_name) -> None:
+    """The one loop's solo mode (decoding.stock.solo_decode) is stock ``generate(do_sample=False)`` at
+    batch size 1, token for token, on every prompt of the sample set."""
+    eos = real_lm.eos_token_ids
+    for p in load_prompts(set_name).prompts:
+        ids = encode_prompt(real_lm.tokenizer, p)
+        with torch.inference_mode():
+            out = real_lm.model.generate(input_ids=torch.tensor([ids]),
+                                         attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                                         do_sample=False, max_new_tokens=64, eos_token_id=eos,
+                                         pad_token_id=real_lm.pad_token_id)
+        want = cut_after_eos(out[0, len(ids):].tolist(), set(eos))
+        assert solo_decode(real_lm.model, ids, 64, eos).tokens == want, p.id
 
 
 def test_math_scan_rows_are_consistent(math_scan) -> None:

@@ -14,13 +14,29 @@ from . import options
 from .boundary import guarded
 
 THREADS = typer.Option(None, "--threads", help="torch CPU threads (kernels can depend on it); default: torch's.")
-DEFAULT_ROWS_TEXT = "1,2,3,4,8,16,32,48,63,64,65,96,128,256"
+#: parameters every diagnose subcommand ends with; CHAT where it reads prompts (see options.takes)
+TAIL = (("threads", int, THREADS), ("json_out", bool, options.JSON))
+CHAT = (("no_chat", bool, options.NO_CHAT),)
 
 
 def _fmt(x: float | None) -> str:
     if x is None:
         return "-"
     return "0" if x == 0 else f"{x:.2g}"
+
+
+def _log(message: str) -> None:
+    console.err.print(escape(message))
+
+
+def _run_and_render(config, run, render, json_out: bool) -> None:
+    """Check the config, run the diagnosis, print its JSON or its tables."""
+    config.validate()
+    result = run(config, log=_log)
+    if json_out:
+        console.print_json(result.to_dict())
+    else:
+        render(result)
 
 
 def render_ops(report) -> None:
@@ -111,31 +127,26 @@ def register(app: typer.Typer) -> None:
 
     @sub.command("ops")
     @guarded
+    @options.takes(options.STACK, TAIL)
     def ops_cmd(
-        model: str = options.MODEL,
-        dtype: str = options.DTYPE,
-        device: str = options.DEVICE,
-        attn: str = options.ATTN,
-        rows: str = typer.Option(DEFAULT_ROWS_TEXT, "--rows", help="Comma-separated row counts M to probe."),
+        rows: str = typer.Option(None, "--rows", help="Comma-separated row counts M to probe (default: 1 to 256, "
+                                                     "around the thresholds CPU and GPU kernels switch at)."),
         kv_len: int = typer.Option(48, "--kv-len", help="K/V cache length of the attention probes."),
         seed: int = typer.Option(0, "--seed", help="Seed of the random probe inputs."),
-        threads: int = THREADS,
-        json_out: bool = options.JSON,
+        **shared,
     ) -> None:
         """Probe every op (Linear shapes, RMSNorm, rotary, sdpa) for bit-identity to batch 1 as M grows."""
-        from ..diagnose.run import OpsConfig, parse_rows, run_ops
+        from ..diagnose.run import DEFAULT_ROWS, OpsConfig, parse_rows, run_ops
 
-        config = OpsConfig(model=model, dtype=dtype, device=device, rows=parse_rows(rows), seed=seed,
-                           kv_len=kv_len, attn_implementation=attn, threads=threads)
-        config.validate()
-        report = run_ops(config, log=lambda m: console.err.print(escape(m)))
-        if json_out:
-            console.print_json(report.to_dict())
-        else:
-            render_ops(report)
+        o = options.Shared(shared)
+        config = OpsConfig(model=o.model, dtype=o.dtype, device=o.device, rows=parse_rows(rows) if rows is not None else DEFAULT_ROWS,
+                           seed=seed,
+                           kv_len=kv_len, attn_implementation=o.attn, threads=o.threads)
+        _run_and_render(config, run_ops, render_ops, o.json_out)
 
     @sub.command("prompt")
     @guarded
+    @options.takes(options.STACK, CHAT, TAIL)
     def prompt_cmd(
         prompt: str = typer.Argument(..., help="A prompt id of --prompts, or the text of a prompt."),
         prompts: str = typer.Option("chat", "--prompts", help="Prompt set to take the prompt and the fillers from."),
@@ -143,29 +154,20 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate (steps incl. prefill)."),
         row: int = typer.Option(0, "--row", help="Row of the batch that holds the prompt."),
         exact: bool = typer.Option(False, "--exact", help="Batch of copies of the prompt: equal lengths, no padding."),
-        model: str = options.MODEL,
-        dtype: str = options.DTYPE,
-        device: str = options.DEVICE,
-        attn: str = options.ATTN,
-        no_chat: bool = options.NO_CHAT,
-        threads: int = THREADS,
-        json_out: bool = options.JSON,
+        **shared,
     ) -> None:
         """Per step, the first layer and block (attention/MLP) where the batched row leaves solo."""
         from ..diagnose.run import PromptConfig, run_prompt
 
-        config = PromptConfig(prompt=prompt, prompts=prompts, model=model, dtype=dtype, device=device,
+        o = options.Shared(shared)
+        config = PromptConfig(prompt=prompt, prompts=prompts, model=o.model, dtype=o.dtype, device=o.device,
                               batch_size=batch_size, max_new_tokens=max_new_tokens, row=row, exact=exact,
-                              chat=not no_chat, attn_implementation=attn, threads=threads)
-        config.validate()
-        rep = run_prompt(config, log=lambda m: console.err.print(escape(m)))
-        if json_out:
-            console.print_json(rep.to_dict())
-        else:
-            render_prompt(rep)
+                              chat=not o.no_chat, attn_implementation=o.attn, threads=o.threads)
+        _run_and_render(config, run_prompt, render_prompt, o.json_out)
 
     @sub.command("kv")
     @guarded
+    @options.takes(options.STACK, CHAT, TAIL)
     def kv_cmd(
         prompts: str = options.PROMPTS_ARG,
         out: Path = typer.Option(..., "--out", "-o", help="Directory for kv.parquet and kv.png."),
@@ -175,27 +177,22 @@ def register(app: typer.Typer) -> None:
                                                         "the whole set)."),
         flips: int = typer.Option(3, "--flips", help="Stop after this many prompts with an argmax flip."),
         plot: Path = typer.Option(None, "--plot", help="Where to write the PNG (default OUT/kv.png)."),
-        model: str = options.MODEL,
-        dtype: str = options.DTYPE,
-        device: str = options.DEVICE,
-        attn: str = options.ATTN,
-        no_chat: bool = options.NO_CHAT,
-        threads: int = THREADS,
-        json_out: bool = options.JSON,
+        **shared,
     ) -> None:
         """Solo vs batched K/V caches per layer and step, until argmax flips are found; slope of the drift."""
         from ..diagnose.run import KvConfig, run_kv
 
-        config = KvConfig(prompts=prompts, out=out, model=model, dtype=dtype, device=device, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, limit=limit, flips=flips, plot=plot, chat=not no_chat,
-                          attn_implementation=attn, threads=threads)
+        o = options.Shared(shared)
+        config = KvConfig(prompts=prompts, out=out, model=o.model, dtype=o.dtype, device=o.device,
+                          batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, flips=flips, plot=plot,
+                          chat=not o.no_chat, attn_implementation=o.attn, threads=o.threads)
         config.validate()
 
         def on_prompt(r: Any) -> None:
             console.err.print(escape(f"{r.prompt_id}: {r.verdict}"))
 
-        run = run_kv(config, log=lambda m: console.err.print(escape(m)), on_prompt=on_prompt)
-        if json_out:
+        run = run_kv(config, log=_log, on_prompt=on_prompt)
+        if o.json_out:
             console.print_json(run.summary)
         else:
             render_kv(run)

@@ -32,6 +32,9 @@ PREFIX_CACHE = typer.Option(False, "--prefix-cache",
                                  "against the cold solo run (rows with batch_size 1, mode free/sync).")
 TIMEOUT = typer.Option(120.0, "--timeout", metavar="S", help="With --endpoint: seconds per request before a retry.")
 RETRIES = typer.Option(3, "--retries", metavar="N", help="With --endpoint: retries per request (timeouts, 5xx, 429).")
+#: The endpoint client's parameters, for scan and verify (see options.takes).
+CLIENT = (("endpoint", str, ENDPOINT), ("engine_note", str, ENGINE_NOTE), ("tokens_only", bool, TOKENS_ONLY),
+          ("timeout", float, TIMEOUT), ("retries", int, RETRIES))
 
 
 def tokenizer_spec(ctx: typer.Context, model: str) -> str | None:

@@ -20,3 +20,35 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress and no log lines 
                                                   "still print).")
 SKIP_LONG = typer.Option(False, "--skip-long", help="Skip prompts that do not fit the model's context with "
                                                    "--max-new-tokens (and say how many); without it they are an error.")
+
+
+# --------------------------------------------------------------------------- groups of shared parameters
+
+#: (name, type, typer option): parameters that several commands take, declared once here.
+STACK = (("model", str, MODEL), ("dtype", str, DTYPE), ("device", str, DEVICE), ("attn", str, ATTN))
+SELECTION = (("limit", int, LIMIT), ("no_chat", bool, NO_CHAT))
+OUTPUT = (("quiet", bool, QUIET), ("json_out", bool, JSON))
+
+
+class Shared:
+    """The shared parameters a command received (see :func:`takes`), by attribute."""
+
+    def __init__(self, values: dict):
+        self.__dict__.update(values)
+
+
+def takes(*groups):
+    """Decorator for a command whose function ends in ``**shared``: typer sees the groups'
+    parameters (appended to the signature, in order), and they arrive in ``shared``."""
+    import inspect
+
+    def deco(fn):
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+                 for group in groups for name, kind, option in group]
+        fn.__signature__ = sig.replace(parameters=params + extra)
+        fn.__annotations__ = {**fn.__annotations__, **{p.name: p.annotation for p in extra}}
+        return fn
+
+    return deco

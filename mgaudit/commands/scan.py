@@ -40,6 +40,7 @@ def render_summary(summary: dict[str, Any], out: Path) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("scan")
     @guarded
+    @options.takes(options.STACK, options.SELECTION, endpoint_cli.CLIENT, options.OUTPUT)
     def scan_cmd(
         ctx: typer.Context,
         prompts: str = options.PROMPTS_ARG,
@@ -49,12 +50,6 @@ def register(app: typer.Typer) -> None:
                                              "prompts are capped to it)."),
         max_new_tokens: int = options.MAX_NEW,
         seed: int = typer.Option(0, "--seed", help="Seeds which prompts share a batch (and torch)."),
-        model: str = options.MODEL,
-        dtype: str = options.DTYPE,
-        device: str = options.DEVICE,
-        attn: str = options.ATTN,
-        limit: int = options.LIMIT,
-        no_chat: bool = options.NO_CHAT,
         modes: str = typer.Option("sync,free", "--modes", metavar="LIST",
                                   help="sync (teacher-forced), free (free-running), or both."),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scan in --out (new "
@@ -62,32 +57,28 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Delete the traces an earlier scan wrote in --out "
                                        "first (other files are never deleted)."),
         skip_long: bool = options.SKIP_LONG,
-        endpoint: str = endpoint_cli.ENDPOINT,
-        engine_note: str = endpoint_cli.ENGINE_NOTE,
-        tokens_only: bool = endpoint_cli.TOKENS_ONLY,
         prefix_cache: bool = endpoint_cli.PREFIX_CACHE,
-        timeout: float = endpoint_cli.TIMEOUT,
-        retries: int = endpoint_cli.RETRIES,
-        quiet: bool = options.QUIET,
-        json_out: bool = options.JSON,
+        **shared,
     ) -> None:
         """Replay PROMPTS solo and inside batches; record tokens, top-1/top-2 logits, margins and flips."""
         from ..scan import ScanConfig, parse_batch_sizes, scan
 
-        if endpoint:
-            return endpoint_cli.scan(ctx, prompts=prompts, out=out, endpoint=endpoint, model=model,
+        o = options.Shared(shared)
+        if o.endpoint:
+            return endpoint_cli.scan(ctx, prompts=prompts, out=out, endpoint=o.endpoint, model=o.model,
                                      batch_sizes=parse_batch_sizes(batch_sizes), max_new_tokens=max_new_tokens,
-                                     seed=seed, limit=limit, chat=not no_chat, tokens_only=tokens_only,
-                                     prefix_cache=prefix_cache, engine_note=engine_note, timeout=timeout,
-                                     retries=retries, resume=resume, overwrite=overwrite, quiet=quiet,
-                                     json_out=json_out)
+                                     seed=seed, limit=o.limit, chat=not o.no_chat, tokens_only=o.tokens_only,
+                                     prefix_cache=prefix_cache, engine_note=o.engine_note, timeout=o.timeout,
+                                     retries=o.retries, resume=resume, overwrite=overwrite, quiet=o.quiet,
+                                     json_out=o.json_out)
 
         config = ScanConfig(
-            prompts=prompts, out=out, model=model, dtype=dtype, device=device,
+            prompts=prompts, out=out, model=o.model, dtype=o.dtype, device=o.device,
             batch_sizes=parse_batch_sizes(batch_sizes), max_new_tokens=max_new_tokens, seed=seed,
-            limit=limit, chat=not no_chat, modes=[m for m in modes.split(",") if m],
-            attn_implementation=attn, resume=resume, overwrite=overwrite, skip_long=skip_long,
+            limit=o.limit, chat=not o.no_chat, modes=[m for m in modes.split(",") if m],
+            attn_implementation=o.attn, resume=resume, overwrite=overwrite, skip_long=skip_long,
         )
+        quiet, json_out = o.quiet, o.json_out
         with console.reporter(quiet) as report:
             result = scan(config, progress=report, log=console.logger(quiet))
         if json_out:

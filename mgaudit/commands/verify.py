@@ -65,6 +65,7 @@ def render(report: dict[str, Any]) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("verify")
     @guarded
+    @options.takes(options.STACK, options.SELECTION, endpoint_cli.CLIENT, options.OUTPUT)
     def verify_cmd(
         ctx: typer.Context,
         prompts: str = options.PROMPTS_ARG,
@@ -91,22 +92,10 @@ def register(app: typer.Typer) -> None:
                                         help="gate: check every row bit for bit at batch size 1 at least every K "
                                              "steps, whatever its margin (default 16)."),
         max_new_tokens: int = options.MAX_NEW,
-        model: str = options.MODEL,
-        dtype: str = options.DTYPE,
-        device: str = options.DEVICE,
-        attn: str = options.ATTN,
-        limit: int = options.LIMIT,
-        no_chat: bool = options.NO_CHAT,
         report: Path = typer.Option(None, "--report", metavar="FILE",
                                     help="Write the full report (per-sequence records and token lists) as JSON."),
         skip_long: bool = options.SKIP_LONG,
-        endpoint: str = endpoint_cli.ENDPOINT,
-        engine_note: str = endpoint_cli.ENGINE_NOTE,
-        tokens_only: bool = endpoint_cli.TOKENS_ONLY,
-        timeout: float = endpoint_cli.TIMEOUT,
-        retries: int = endpoint_cli.RETRIES,
-        quiet: bool = options.QUIET,
-        json_out: bool = options.JSON,
+        **shared,
     ) -> None:
         """Decode PROMPTS solo and under a policy; exit 0 only if every sequence is identical to solo.
 
@@ -115,27 +104,28 @@ def register(app: typer.Typer) -> None:
         """
         from ..verify import VerifyConfig, verify
 
-        if endpoint:
+        o = options.Shared(shared)
+        if o.endpoint:
             if gate is not None or threshold is not None:
                 raise UsageError("--gate/--threshold do not apply with --endpoint (a server's batching is audited "
                                  "as it is)", hint="drop --gate/--threshold, or drop --endpoint")
             raise typer.Exit(endpoint_cli.verify(
-                ctx, prompts=prompts, endpoint=endpoint, model=model, batch_size=batch_size,
-                max_new_tokens=max_new_tokens, limit=limit, chat=not no_chat, tokens_only=tokens_only,
-                engine_note=engine_note, timeout=timeout, retries=retries, report=report, quiet=quiet,
-                json_out=json_out))
+                ctx, prompts=prompts, endpoint=o.endpoint, model=o.model, batch_size=batch_size,
+                max_new_tokens=max_new_tokens, limit=o.limit, chat=not o.no_chat, tokens_only=o.tokens_only,
+                engine_note=o.engine_note, timeout=o.timeout, retries=o.retries, report=report, quiet=o.quiet,
+                json_out=o.json_out))
 
-        config = VerifyConfig(prompts=prompts, model=model, dtype=dtype, device=device, policy=policy, gate=gate,
-                              threshold=threshold, fast_path=fast_path, max_rows=max_rows, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, limit=limit, chat=not no_chat,
-                              attn_implementation=attn, report=report, strict=strict, skip_long=skip_long,
+        config = VerifyConfig(prompts=prompts, model=o.model, dtype=o.dtype, device=o.device, policy=policy,
+                              gate=gate, threshold=threshold, fast_path=fast_path, max_rows=max_rows,
+                              batch_size=batch_size, max_new_tokens=max_new_tokens, limit=o.limit, chat=not o.no_chat,
+                              attn_implementation=o.attn, report=report, strict=strict, skip_long=skip_long,
                               contract=contract, audit_every=audit_every)
-        with console.reporter(quiet) as progress:
-            result = verify(config, progress=progress, log=console.logger(quiet))
-        if json_out:
+        with console.reporter(o.quiet) as progress:
+            result = verify(config, progress=progress, log=console.logger(o.quiet))
+        if o.json_out:
             console.print_json(result)
         else:
             render(result)
-        if report and not quiet:
+        if report and not o.quiet:
             console.say(f"report written to {report}")
         raise typer.Exit(0 if result["summary"]["all_identical"] else 1)

@@ -761,12 +761,3 @@ def localize(model, plan: Plan, step: Callable[[], Any]) -> tuple[str, int] | No
                 ran = (p.fixed_rows or p.chunk) if p is not None else None
                 return op.key, min(ran or len(flat_x), len(flat_x))
     return None
-
-
-def invariant_rows(model, up_to: int, seed: int = 0) -> int:
-    """Largest R <= ``up_to`` with every linear layer row-invariant as one batched GEMM of 1..R rows."""
-    if up_to <= 1:
-        return 1
-    rep = probe(model, up_to, seed=seed)
-    lim = [o.layouts[0].limit for o in rep.ops if o.kind == "linear"]
-    return max(1, min([up_to] + lim))

@@ -38,8 +38,7 @@ import asyncio
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +46,7 @@ from ..formats import traces
 from ..errors import OutputError, TraceError, UsageError
 from ..progress import Stage, as_callback
 from ..scan import batch_groups
+from ..formats.provenance import run_provenance
 from ..formats.traces import (atomic_write_json, atomic_write_table, read_provenance, rows_to_table, stale_temp_files,
                       trace_files)
 from .client import Completion, EndpointClient, RequestSpec, ServerInfo, TokenMap, logprob_precision
@@ -419,7 +419,6 @@ def _endpoint_summary(units: list[dict[str, Any]], table) -> dict[str, Any]:
 
 
 async def _scan_async(config: EndpointScanConfig, progress, log: Callable[[str], None]) -> EndpointScanResult:
-    from .. import __version__
     from ..summary import summarize
     from ..formats.traces import read_traces
 
@@ -451,14 +450,7 @@ async def _scan_async(config: EndpointScanConfig, progress, log: Callable[[str],
     if config.resume:
         _check_manifest(out, fingerprint)
     base_prov = _engine_provenance(info, prep, config.tokens_only, config.engine_note, config.max_new_tokens)
-    provenance = {
-        **base_prov,
-        "prompts": {"source": prep.prompt_set.source, "name": prep.prompt_set.name,
-                    "sha256": prep.prompt_set.sha256, "count": len(prep.prompts)},
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        "mgaudit_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    provenance = run_provenance(base_prov, prep.prompt_set, config, count=len(prep.prompts))
     atomic_write_json(out / MANIFEST, {"fingerprint": fingerprint, "provenance": provenance})
 
     n = len(prep.prompts)
@@ -605,7 +597,6 @@ def _compare(pid: str, solo: Completion, loaded: Completion, tok: Any) -> dict[s
 
 async def _verify_async(config: EndpointVerifyConfig, progress,
                         log: Callable[[str], None]) -> dict[str, Any]:
-    from .. import __version__
     from ..verify import REPORT_FORMAT, REPORT_VERSION
 
     info = await _probe(config.endpoint, config.timeout)
@@ -657,16 +648,10 @@ async def _verify_async(config: EndpointVerifyConfig, progress,
                    "engine": info.engine, "threshold": None, "threshold_text": None, "fast_path": None, "gate": None},
         "summary": summary,
         "sequences": records,
-        "provenance": {
-            **_engine_provenance(info, prep, config.tokens_only, config.engine_note, config.max_new_tokens),
-            "logprob_precision": logprob_precision(vals),
-            "token_ids": mapping or "from the server",
-            "prompts": {"source": prep.prompt_set.source, "name": prep.prompt_set.name,
-                        "sha256": prep.prompt_set.sha256, "count": n},
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-            "mgaudit_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        },
+        "provenance": run_provenance(
+            {**_engine_provenance(info, prep, config.tokens_only, config.engine_note, config.max_new_tokens),
+             "logprob_precision": logprob_precision(vals), "token_ids": mapping or "from the server"},
+            prep.prompt_set, config, count=n),
     }
     if config.report is not None:
         atomic_write_json(Path(config.report), report)
