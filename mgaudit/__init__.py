@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 #: public name -> module that defines it
 _EXPORTS = {
     # models and prompts
-    "load_model": "mgaudit.models", "LoadedModel": "mgaudit.models",
+    "load_model": "mgaudit.models", "LoadedModel": "mgaudit.models", "ModelOptions": "mgaudit.models",
     "load_prompts": "mgaudit.prompts", "encode_prompt": "mgaudit.prompts", "PromptSet": "mgaudit.prompts",
     # decoding
     "DecodePolicy": "mgaudit.decoding.policies", "DecodeOutput": "mgaudit.decoding.policies",

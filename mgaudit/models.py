@@ -332,6 +332,19 @@ class _quiet_transformers:
 # --------------------------------------------------------------------------- loading
 
 
+@dataclass(kw_only=True)
+class ModelOptions:
+    """Which model runs and how: the fields every job's configuration shares (keyword-only)."""
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    attn_implementation: str | None = None
+
+    def load(self, log=None) -> "LoadedModel":
+        return load_model(self.model, self.dtype, self.device, self.attn_implementation, log=log)
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     dtype: str = "bfloat16",

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .models import ModelOptions
 from .errors import OutputError, UsageError
 from .progress import Stage, as_callback
 from .formats.provenance import run_provenance
-from .formats.traces import (atomic_write_json, atomic_write_table, check_output_dir, is_mgaudit_trace, pair_rows,
-                     rows_to_table, solo_rows, stale_temp_files, trace_files)
+from .formats.traces import (atomic_write_json, check_output_dir, is_mgaudit_trace, pair_rows,
+                     solo_rows, stale_temp_files, trace_files, trace_writer)
 
 SOLO_CHUNK = 8
 MANIFEST = "_scan.json"
@@ -36,19 +37,15 @@ SUMMARY = "_summary.json"
 
 
 @dataclass
-class ScanConfig:
+class ScanConfig(ModelOptions):
     prompts: str
     out: Path
-    model: str = "smollm2"
-    dtype: str = "bfloat16"
-    device: str = "auto"
     batch_sizes: list[int] = field(default_factory=lambda: [4, 8, 16])
     max_new_tokens: int = 64
     seed: int = 0
     limit: int | None = None
     chat: bool = True
     modes: list[str] = field(default_factory=lambda: ["sync", "free"])
-    attn_implementation: str | None = None
     resume: bool = False
     overwrite: bool = False
     skip_long: bool = False  # skip prompts that do not fit the context (else: ContextLengthError)
@@ -216,7 +213,7 @@ def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = 
     import torch
 
     from .decoding.stock import padded_decode, solo_decode
-    from .models import load_model, model_context
+    from .models import model_context
     from .prompts import encode_prompt, fit_context, load_prompts
     from .resources import check_fits
     from .summary import summarize
@@ -230,7 +227,7 @@ def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = 
     _check_out(config)  # every output check before any model work; nothing is created yet
     out = Path(config.out)
     torch.manual_seed(config.seed)
-    lm = loaded or load_model(config.model, config.dtype, config.device, config.attn_implementation, log=log)
+    lm = loaded or config.load(log=log)
     encoded_all = [encode_prompt(lm.tokenizer, p, chat=config.chat) for p in prompt_set.prompts]
     kept = fit_context([p.id for p in prompt_set.prompts], [len(e) for e in encoded_all], config.max_new_tokens,
                        model_context(lm.model), skip=config.skip_long)
@@ -284,7 +281,8 @@ def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = 
         rows = []
         for i in payload:
             rows.extend(solo_rows(prompts[i].id, index[i], len(encoded[i]), solos[i]))
-        atomic_write_table(path, rows_to_table(rows, provenance))
+        with trace_writer(path, provenance) as w:
+            w.write(rows)
         written += 1
 
     batch_units = [p for p in todo if p[1] == "batch"]
@@ -308,7 +306,8 @@ def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = 
                 i = members[row]
                 rows.extend(pair_rows("free", prompts[i].id, index[i], b, g, row, width - len(batch_ids[row]),
                                        len(batch_ids[row]), refs[row], free[row]))
-        atomic_write_table(path, rows_to_table(rows, provenance))
+        with trace_writer(path, provenance) as w:
+            w.write(rows)
         written += 1
         stage.advance()
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .models import ModelOptions
 from .errors import GateMismatchError, UsageError
 from .decoding.policies import AUDIT_EVERY, CONTRACTS, FAST_PATHS, POLICIES, DecodePolicy, decode, reference_decode
 from .progress import Stage, as_callback
@@ -25,11 +26,8 @@ REPORT_VERSION = 1
 
 
 @dataclass
-class VerifyConfig:
+class VerifyConfig(ModelOptions):
     prompts: str
-    model: str = "smollm2"
-    dtype: str = "bfloat16"
-    device: str = "auto"
     policy: str = "gate"
     gate: Path | None = None
     threshold: float | None = None
@@ -39,7 +37,6 @@ class VerifyConfig:
     max_new_tokens: int = 64
     limit: int | None = None
     chat: bool = True
-    attn_implementation: str | None = None
     report: Path | None = None
     strict: bool = False  # refuse a gate fitted on another stack (model, dtype, device kind, attention)
     skip_long: bool = False  # skip prompts that do not fit the context (else: ContextLengthError)
@@ -184,7 +181,7 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
     """Run solo and policy decoding; return the report dict (see REPORT_FORMAT)."""
     from .decoding.architectures import check_supported
     from .formats.gate import float32_decimal, float32_value, load_gate
-    from .models import load_model, model_context
+    from .models import model_context
     from .prompts import encode_prompt, fit_context, load_prompts
     from .resources import check_fits
     from .formats.traces import atomic_write_json
@@ -203,7 +200,7 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
                           config.audit_every or AUDIT_EVERY)
     policy.validate()
     prompt_set = load_prompts(config.prompts, limit=config.limit)
-    lm = loaded or load_model(config.model, config.dtype, config.device, config.attn_implementation, log=log)
+    lm = loaded or config.load(log=log)
     check_supported(lm.model, policy.name)  # refuse an architecture before any decoding (exit 2)
     if gate_info:
         gate_model = (gate.get("provenance") or {}).get("model") or {}

@@ -490,3 +490,27 @@ def test_row_cache_refuses_columns_a_sliding_layer_dropped() -> None:
         else:
             with pytest.raises(RuntimeError, match="no longer holds"):
                 row_cache(a.model, cache, 1, 0, total - 1)
+
+
+# --------------------------------------------------------------------------- the batch-invariant contract
+
+
+@pytest.mark.parametrize("arch", [a for a, (exact, _, _) in EXPECTED.items() if "invariant" in exact])
+def test_batch_invariant_contract_on_every_exact_architecture(arch: str) -> None:
+    """Under ``batch-invariant`` every exact architecture's batched output equals each prompt alone
+    through the same kernels (packed prefill and padded attention where the model's attention is
+    plain sdpa without windows; solo prefill and per-row attention otherwise), bit for bit."""
+    from mgaudit.decoding.packed import supported
+    from mgaudit.decoding.policies import reference_decode
+
+    a = _arch(arch)
+    refs = [reference_decode(a.model, p, NEW, [], contract="batch-invariant", keep_logits=True) for p in a.prompts]
+    # decode() probes the machine, so rows share prefill packs and attention calls where the probe allows
+    out = decode(a.model, a.prompts, DecodePolicy("invariant", contract="batch-invariant"), len(a.prompts), NEW, [],
+                 0, keep_logits=True)
+    if supported(a.model):
+        assert out.probe["prefill"] is not None and out.probe["attention"] is not None
+        assert ("prefill" in out.plan) == out.probe["prefill"]["ok"]
+    for i, (r, s) in enumerate(zip(out.sequences, refs)):
+        assert r.tokens == s.tokens, (arch, i, supported(a.model))
+        assert all(torch.equal(x, y) for x, y in zip(r.logits, s.logits)), (arch, i)

@@ -185,7 +185,7 @@ class _Pool:
 @torch.inference_mode()
 def capture_activations(model, steps: int = 8, prompt_len: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
     """Inputs seen by each op during ``steps`` single-token decode steps of a short greedy run."""
-    from .step import forward_last, new_cache
+    from .loop import greedy, padded_prefill
 
     ops = find_ops(model)
     by_module = {id(m): op for op in ops for m in op.modules}
@@ -203,12 +203,9 @@ def capture_activations(model, steps: int = 8, prompt_len: int = 6, seed: int = 
         gen = torch.Generator(device="cpu").manual_seed(seed)
         vocab = model.get_input_embeddings().num_embeddings
         ids = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(model.device)
-        cache = new_cache(model)
-        logits = forward_last(model, ids, None, torch.arange(prompt_len, device=model.device)[None], cache)
-        recording["on"] = True
-        for i in range(steps):
-            tok = torch.argmax(logits, dim=-1, keepdim=True)
-            logits = forward_last(model, tok, None, torch.tensor([[prompt_len + i]], device=model.device), cache)
+        logits, cache, positions, advance = padded_prefill(model, ids.tolist(), pad_id=0)
+        for _ in greedy(logits, cache, positions, advance, eos_ids=(), pad_id=0, budgets=[steps + 1]):
+            recording["on"] = True  # from the first decode forward on
     finally:
         for h in handles:
             h.remove()

@@ -239,6 +239,179 @@ def _point(m: int, batched: torch.Tensor, refs: torch.Tensor) -> OpPoint:
     return OpPoint(m, all(eq), diff, m - sum(eq), eq[0])
 
 
+@dataclass
+class _Ctx:
+    """What every per-op probe needs: the model's parts, the row counts, seeded inputs and scales."""
+
+    model: Any
+    parts: ModelParts
+    rows: list[int]
+    mmax: int
+    kv_len: int
+    rnd: "_Rand"
+    scales: dict[str, tuple[float, float]]
+    dtype: torch.dtype
+    device: torch.device
+    note: Callable[[str], None]
+    qpool: torch.Tensor | None = None
+    kpool: torch.Tensor | None = None
+    vpool: torch.Tensor | None = None
+    ks: float = 1.0
+    vs: float = 1.0
+
+    @property
+    def n_rep(self) -> int:
+        return self.parts.n_heads // self.parts.n_kv_heads
+
+    @property
+    def scale(self) -> float:
+        return float(getattr(self.parts.attn, "scaling", self.parts.head_dim ** -0.5))
+
+
+def _probe_linear(c: _Ctx) -> list[OpResult]:
+    """Linear shapes: one module per distinct (in, out, bias), decode-shaped and prefill-shaped."""
+    shapes: dict[tuple, list[str]] = {}
+    modules: dict[tuple, Any] = {}
+    for name, mod in c.model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            key = (mod.in_features, mod.out_features, mod.bias is not None)
+            shapes.setdefault(key, []).append(name)
+            modules.setdefault(key, (name, mod))
+    ops = []
+    for key, names in shapes.items():
+        name, mod = modules[key]
+        fin, fout, bias = key
+        scale = c.scales.get(name, (1.0, 1.0))[0] or 1.0
+        short = sorted({n.rsplit(".", 1)[-1] for n in names})
+        label = f"{fin}->{fout}{' +bias' if bias else ''} ({'/'.join(short)})"
+        c.note(f"linear {label}")
+        pool = c.rnd.normal((c.mmax, fin), scale, salt=fin * 7 + fout)
+        refs = torch.stack([mod(pool[i].view(1, 1, fin))[0, 0] for i in range(c.mmax)])
+        res = OpResult(f"linear {label}", "linear", f"{len(names)} module(s), input RMS {scale:.3g}",
+                       "rows: M decode tokens (M, 1, in), one per sequence")
+        pre = OpResult(f"prefill {label}", "linear-prefill", "M tokens of one sequence vs each token alone",
+                       "tokens: one sequence (1, M, in); probe = last token")
+        for m in c.rows:
+            res.points.append(_point(m, mod(pool[:m].view(m, 1, fin))[:, 0], refs))
+            out = mod(pool[:m].view(1, m, fin))[0]
+            pre.points.append(_point(m, out.flip(0), refs[:m].flip(0)))
+        ops += [res, pre]
+    return ops
+
+
+def _probe_norm(c: _Ctx) -> list[OpResult]:
+    """RMSNorm (the model's final norm module)."""
+    norm = c.parts.norm
+    if norm is None:
+        return []
+    c.note("norm")
+    norm_name = next((n for n, mod in c.model.named_modules() if mod is norm), "norm")
+    scale = c.scales.get(norm_name, (1.0, 1.0))[0] or 1.0
+    h = c.parts.hidden
+    pool = c.rnd.normal((c.mmax, h), scale, salt=1)
+    refs = torch.stack([norm(pool[i].view(1, 1, h))[0, 0] for i in range(c.mmax)])
+    res = OpResult(f"norm {type(norm).__name__}({h})", "norm", f"input RMS {scale:.3g}", "rows (M, 1, hidden)")
+    for m in c.rows:
+        res.points.append(_point(m, norm(pool[:m].view(m, 1, h))[:, 0], refs))
+    return [res]
+
+
+def _probe_rotary(c: _Ctx) -> list[OpResult]:
+    """Rotary embedding: cos/sin for M position ids, then q/k rotated."""
+    parts = c.parts
+    if parts.rotary is None:
+        return []
+    c.note("rotary")
+    d = parts.head_dim
+    maxpos = int(getattr(c.model.config, "max_position_embeddings", 2048) or 2048)
+    pos = torch.cat([torch.tensor([c.kv_len], device=c.device), c.rnd.ints(0, maxpos, (c.mmax - 1,), salt=30)])
+
+    def rot(sl: slice) -> torch.Tensor:
+        p = pos[sl].view(-1, 1)
+        n = p.shape[0]
+        cos, sin = parts.rotary(torch.zeros((n, 1, d), dtype=c.dtype, device=c.device), p)
+        pieces = [cos.reshape(n, -1), sin.reshape(n, -1)]
+        if parts.apply_rotary is not None:
+            qe, ke = parts.apply_rotary(c.qpool[sl], c.kpool[sl, :, :1], cos, sin)
+            pieces += [qe.reshape(n, -1), ke.reshape(n, -1)]
+        return torch.cat([t.to(c.dtype) for t in pieces], dim=1)
+
+    refs = torch.cat([rot(slice(i, i + 1)) for i in range(c.mmax)])
+    res = OpResult(f"rotary {type(parts.rotary).__name__}", "rotary",
+                   "cos/sin for M position ids" + (", q/k rotated" if parts.apply_rotary else ""),
+                   "rows (M position ids)")
+    for m in c.rows:
+        res.points.append(_point(m, rot(slice(0, m)), refs))
+    return [res]
+
+
+def _probe_attention(c: _Ctx) -> list[OpResult]:
+    """Attention, decode-shaped: one query per row over its K/V cache, unmasked and left-padded."""
+    c.note("attention")
+    hq, hk, d, kv_len = c.parts.n_heads, c.parts.n_kv_heads, c.parts.head_dim, c.kv_len
+    q, k, v, scale, n_rep = c.qpool, c.kpool, c.vpool, c.scale, c.n_rep
+    geo = f"{hq} heads / {hk} KV heads x {d}, K/V length {kv_len}, query length 1"
+    refs = torch.cat([sdpa_like_model(q[i:i + 1], k[i:i + 1], v[i:i + 1], None, scale, n_rep)
+                      for i in range(c.mmax)])
+    plain = OpResult("attention sdpa, no mask", "attention", geo, "rows (M, heads, 1, head_dim)")
+    for m in c.rows:
+        plain.points.append(_point(m, sdpa_like_model(q[:m], k[:m], v[:m], None, scale, n_rep), refs))
+    # Left-padded batch: row i's first pads[i] positions are padding; row 0 is unpadded.
+    # Its solo reference attends to its valid positions only, without a mask.
+    pads = torch.cat([torch.zeros(1, dtype=torch.long, device=c.device),
+                      c.rnd.ints(0, kv_len - 1, (c.mmax - 1,), salt=43)])
+    refs = torch.cat([sdpa_like_model(q[i:i + 1], k[i:i + 1, :, int(pads[i]):], v[i:i + 1, :, int(pads[i]):],
+                                      None, scale, n_rep) for i in range(c.mmax)])
+    masked = OpResult("attention sdpa, padding mask", "attention-mask",
+                      geo + "; rows left-padded (row 0 not), mask present when any row is padded; "
+                            "each row against its unpadded solo call",
+                      "rows; probe row 0 unpadded")
+    for m in c.rows:
+        mask = None
+        if bool((pads[:m] > 0).any()):
+            mask = (torch.arange(kv_len, device=c.device)[None, :] >= pads[:m, None]).view(m, 1, 1, kv_len)
+        masked.points.append(_point(m, sdpa_like_model(q[:m], k[:m], v[:m], mask, scale, n_rep), refs))
+    return [plain, masked]
+
+
+def _probe_attention_cache(c: _Ctx) -> list[OpResult]:
+    """Attention at different cache lengths: same query and K/V prefix, K/V left-padded."""
+    c.note("attention cache length")
+    hk, d, kv_len, scale, n_rep = c.parts.n_kv_heads, c.parts.head_dim, c.kv_len, c.scale, c.n_rep
+    q0, k0, v0 = c.qpool[:1], c.kpool[:1], c.vpool[:1]
+    ref = sdpa_like_model(q0, k0, v0, None, scale, n_rep)
+    ones = torch.ones((1, 1, 1, kv_len), dtype=torch.bool, device=c.device)
+    ref_masked = sdpa_like_model(q0, k0, v0, ones, scale, n_rep)
+    solo = OpResult("attention cache +(M-1) padded", "attention-cache",
+                    f"one row; K/V ({kv_len} positions) left-padded by M-1 masked positions vs unpadded, no mask",
+                    "masked padding positions = M - 1")
+    same_path = OpResult("attention cache +(M-1) padded, mask both", "attention-cache",
+                         "as above, but the unpadded reference also carries an all-valid mask",
+                         "masked padding positions = M - 1")
+    for m in c.rows:
+        pad = m - 1
+        kp = torch.cat([c.rnd.normal((1, hk, pad, d), c.ks, 60 + m), k0], dim=2)
+        vp = torch.cat([c.rnd.normal((1, hk, pad, d), c.vs, 61 + m), v0], dim=2)
+        mask = (torch.arange(kv_len + pad, device=c.device) >= pad).view(1, 1, 1, kv_len + pad)
+        out_masked = sdpa_like_model(q0, kp, vp, mask, scale, n_rep)
+        out = sdpa_like_model(q0, kp, vp, None, scale, n_rep) if pad == 0 else out_masked
+        solo.points.append(_point(1, out, ref))
+        solo.points[-1].rows = m
+        same_path.points.append(_point(1, out_masked, ref_masked))
+        same_path.points[-1].rows = m
+    return [solo, same_path]
+
+
+#: The per-op probes, in report order. Each takes the shared context and returns its results.
+PROBES: tuple[tuple[str, Callable[[_Ctx], list[OpResult]]], ...] = (
+    ("linear", _probe_linear),
+    ("norm", _probe_norm),
+    ("rotary", _probe_rotary),
+    ("attention", _probe_attention),
+    ("attention cache length", _probe_attention_cache),
+)
+
+
 @torch.inference_mode()
 def probe_ops(lm, row_counts: Sequence[int] = DEFAULT_ROWS, seed: int = 0, kv_len: int = 48,
               progress: Callable[[str], None] | None = None) -> OpsReport:
@@ -248,146 +421,26 @@ def probe_ops(lm, row_counts: Sequence[int] = DEFAULT_ROWS, seed: int = 0, kv_le
     each of the M results is compared with that row computed alone (batch 1, the way a
     solo run computes it). ``identical`` means all M rows are bit-identical;
     ``probe_identical`` is the verdict for row 0 alone (the last token for the
-    prefill-shaped ops).
+    prefill-shaped ops). The ops are the entries of :data:`PROBES`.
     """
     rows = sorted(set(int(r) for r in row_counts))
     if not rows or rows[0] < 1:
         raise UsageError("row counts must be whole numbers of at least 1")
     if kv_len < 2:
         raise UsageError(f"kv_len must be at least 2, got {kv_len}")
-    mmax = rows[-1]
     model = lm.model
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     parts = model_parts(model)
-    rnd = _Rand(seed, dtype, device)
-    scales = activation_scales(lm)
-    note = progress or (lambda msg: None)
-    ops: list[OpResult] = []
-
-    # Linear shapes: one module per distinct (in, out, bias); the names that share it.
-    shapes: dict[tuple, list[str]] = {}
-    modules: dict[tuple, Any] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            key = (mod.in_features, mod.out_features, mod.bias is not None)
-            shapes.setdefault(key, []).append(name)
-            modules.setdefault(key, (name, mod))
-    for key, names in shapes.items():
-        name, mod = modules[key]
-        fin, fout, bias = key
-        scale = scales.get(name, (1.0, 1.0))[0] or 1.0
-        short = sorted({n.rsplit(".", 1)[-1] for n in names})
-        label = f"{fin}->{fout}{' +bias' if bias else ''} ({'/'.join(short)})"
-        note(f"linear {label}")
-        pool = rnd.normal((mmax, fin), scale, salt=fin * 7 + fout)
-        refs = torch.stack([mod(pool[i].view(1, 1, fin))[0, 0] for i in range(mmax)])
-        res = OpResult(f"linear {label}", "linear", f"{len(names)} module(s), input RMS {scale:.3g}",
-                       "rows: M decode tokens (M, 1, in), one per sequence")
-        pre = OpResult(f"prefill {label}", "linear-prefill", "M tokens of one sequence vs each token alone",
-                       "tokens: one sequence (1, M, in); probe = last token")
-        for m in rows:
-            res.points.append(_point(m, mod(pool[:m].view(m, 1, fin))[:, 0], refs))
-            out = mod(pool[:m].view(1, m, fin))[0]
-            pre.points.append(_point(m, out.flip(0), refs[:m].flip(0)))
-        ops += [res, pre]
-
-    # RMSNorm (the model's final norm module).
-    if parts.norm is not None:
-        note("norm")
-        norm_name = next((n for n, mod in model.named_modules() if mod is parts.norm), "norm")
-        scale = scales.get(norm_name, (1.0, 1.0))[0] or 1.0
-        h = parts.hidden
-        pool = rnd.normal((mmax, h), scale, salt=1)
-        refs = torch.stack([parts.norm(pool[i].view(1, 1, h))[0, 0] for i in range(mmax)])
-        res = OpResult(f"norm {type(parts.norm).__name__}({h})", "norm", f"input RMS {scale:.3g}",
-                       "rows (M, 1, hidden)")
-        for m in rows:
-            res.points.append(_point(m, parts.norm(pool[:m].view(m, 1, h))[:, 0], refs))
-        ops.append(res)
-
-    hq, hk, d = parts.n_heads, parts.n_kv_heads, parts.head_dim
-    n_rep = hq // hk
+    c = _Ctx(model, parts, rows, rows[-1], kv_len, _Rand(seed, dtype, device), activation_scales(lm), dtype,
+             device, progress or (lambda msg: None))
+    # the attention-shaped inputs (rotary and attention probes); each draw has its own seed (salt)
     attn_name = next((n for n, mod in model.named_modules() if mod is parts.attn), "")
-    qs, ks, vs = (scales.get(f"{attn_name}.{p}_proj", (1.0, 1.0))[1] or 1.0 for p in "qkv")
-    qpool = rnd.normal((mmax, hq, 1, d), qs, 40)
-    kpool = rnd.normal((mmax, hk, kv_len, d), ks, 41)
-    vpool = rnd.normal((mmax, hk, kv_len, d), vs, 42)
-
-    # Rotary embedding: cos/sin for M position ids, then q/k rotated.
-    if parts.rotary is not None:
-        note("rotary")
-        maxpos = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-        pos = torch.cat([torch.tensor([kv_len], device=device), rnd.ints(0, maxpos, (mmax - 1,), salt=30)])
-
-        def rot(sl: slice) -> torch.Tensor:
-            p = pos[sl].view(-1, 1)
-            n = p.shape[0]
-            cos, sin = parts.rotary(torch.zeros((n, 1, d), dtype=dtype, device=device), p)
-            pieces = [cos.reshape(n, -1), sin.reshape(n, -1)]
-            if parts.apply_rotary is not None:
-                qe, ke = parts.apply_rotary(qpool[sl], kpool[sl, :, :1], cos, sin)
-                pieces += [qe.reshape(n, -1), ke.reshape(n, -1)]
-            return torch.cat([t.to(dtype) for t in pieces], dim=1)
-
-        refs = torch.cat([rot(slice(i, i + 1)) for i in range(mmax)])
-        res = OpResult(f"rotary {type(parts.rotary).__name__}", "rotary",
-                       "cos/sin for M position ids" + (", q/k rotated" if parts.apply_rotary else ""),
-                       "rows (M position ids)")
-        for m in rows:
-            res.points.append(_point(m, rot(slice(0, m)), refs))
-        ops.append(res)
-
-    # Attention, decode-shaped: one query per row over its K/V cache.
-    note("attention")
-    scale = float(getattr(parts.attn, "scaling", d ** -0.5))
-    geo = f"{hq} heads / {hk} KV heads x {d}, K/V length {kv_len}, query length 1"
-    refs = torch.cat([sdpa_like_model(qpool[i:i + 1], kpool[i:i + 1], vpool[i:i + 1], None, scale, n_rep)
-                      for i in range(mmax)])
-    plain = OpResult("attention sdpa, no mask", "attention", geo, "rows (M, heads, 1, head_dim)")
-    for m in rows:
-        plain.points.append(_point(m, sdpa_like_model(qpool[:m], kpool[:m], vpool[:m], None, scale, n_rep), refs))
-    # Left-padded batch: row i's first pads[i] positions are padding; row 0 is unpadded.
-    # Its solo reference attends to its valid positions only, without a mask.
-    pads = torch.cat([torch.zeros(1, dtype=torch.long, device=device), rnd.ints(0, kv_len - 1, (mmax - 1,), salt=43)])
-    refs = torch.cat([sdpa_like_model(qpool[i:i + 1], kpool[i:i + 1, :, int(pads[i]):],
-                                      vpool[i:i + 1, :, int(pads[i]):], None, scale, n_rep) for i in range(mmax)])
-    masked = OpResult("attention sdpa, padding mask", "attention-mask",
-                      geo + "; rows left-padded (row 0 not), mask present when any row is padded; "
-                            "each row against its unpadded solo call",
-                      "rows; probe row 0 unpadded")
-    for m in rows:
-        mask = None
-        if bool((pads[:m] > 0).any()):
-            mask = (torch.arange(kv_len, device=device)[None, :] >= pads[:m, None]).view(m, 1, 1, kv_len)
-        masked.points.append(_point(m, sdpa_like_model(qpool[:m], kpool[:m], vpool[:m], mask, scale, n_rep), refs))
-    ops += [plain, masked]
-
-    # Attention at different cache lengths: same query and K/V prefix, K/V left-padded.
-    note("attention cache length")
-    q0, k0, v0 = qpool[:1], kpool[:1], vpool[:1]
-    ref = sdpa_like_model(q0, k0, v0, None, scale, n_rep)
-    ones = torch.ones((1, 1, 1, kv_len), dtype=torch.bool, device=device)
-    ref_masked = sdpa_like_model(q0, k0, v0, ones, scale, n_rep)
-    solo = OpResult("attention cache +(M-1) padded", "attention-cache",
-                    f"one row; K/V ({kv_len} positions) left-padded by M-1 masked positions vs unpadded, no mask",
-                    "masked padding positions = M - 1")
-    same_path = OpResult("attention cache +(M-1) padded, mask both", "attention-cache",
-                         "as above, but the unpadded reference also carries an all-valid mask",
-                         "masked padding positions = M - 1")
-    for m in rows:
-        pad = m - 1
-        kp = torch.cat([rnd.normal((1, hk, pad, d), ks, 60 + m), k0], dim=2)
-        vp = torch.cat([rnd.normal((1, hk, pad, d), vs, 61 + m), v0], dim=2)
-        mask = (torch.arange(kv_len + pad, device=device) >= pad).view(1, 1, 1, kv_len + pad)
-        out_masked = sdpa_like_model(q0, kp, vp, mask, scale, n_rep)
-        out = sdpa_like_model(q0, kp, vp, None, scale, n_rep) if pad == 0 else out_masked
-        solo.points.append(_point(1, out, ref))
-        solo.points[-1].rows = m
-        same_path.points.append(_point(1, out_masked, ref_masked))
-        same_path.points[-1].rows = m
-    ops += [solo, same_path]
-
+    qs, c.ks, c.vs = (c.scales.get(f"{attn_name}.{p}_proj", (1.0, 1.0))[1] or 1.0 for p in "qkv")
+    c.qpool = c.rnd.normal((c.mmax, parts.n_heads, 1, parts.head_dim), qs, 40)
+    c.kpool = c.rnd.normal((c.mmax, parts.n_kv_heads, kv_len, parts.head_dim), c.ks, 41)
+    c.vpool = c.rnd.normal((c.mmax, parts.n_kv_heads, kv_len, parts.head_dim), c.vs, 42)
+    ops = [result for _, probe_fn in PROBES for result in probe_fn(c)]
     report = OpsReport(model=lm.name, dtype=str(dtype).replace("torch.", ""), device=str(device),
                        row_counts=rows, kv_len=kv_len, seed=seed, ops=ops, torch_threads=torch.get_num_threads())
     report.verdict = ops_verdict(report)

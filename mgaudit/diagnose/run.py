@@ -21,14 +21,12 @@ K/V Parquet and plot writers; the probes live in ``diagnose_ops`` and
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import pyarrow as pa
 
 from .layers import (  # noqa: F401  (re-exported)
     KvDriftResult,
@@ -40,34 +38,11 @@ from .layers import (  # noqa: F401  (re-exported)
     locate_verdict,
 )
 from .ops import DEFAULT_ROWS, OpPoint, OpResult, OpsReport, ops_verdict, parse_rows, probe_ops  # noqa: F401
+from ..models import ModelOptions
 from ..errors import OutputError, PromptError, UsageError
-from ..formats.traces import PROVENANCE_KEY, SCHEMA_VERSION_KEY, atomic_write_bytes, atomic_write_table
+from ..formats.kv import KV_COLUMNS, KV_FILE, KV_PLOT, KV_SCHEMA, kv_writer  # noqa: F401
+from ..formats.traces import atomic_write_bytes
 
-KV_SCHEMA_VERSION = "1"
-KV_FILE = "kv.parquet"
-KV_PLOT = "kv.png"
-
-#: One row per (prompt, step, layer). ``step`` -1 is the state after the prefill; step
-#: s >= 0 after the decode forward that fed generated token s (its argmax is token s+1).
-KV_FIELDS: list[pa.Field] = [
-    pa.field("prompt_id", pa.string(), nullable=False),
-    pa.field("step", pa.int32(), nullable=False),
-    pa.field("layer", pa.int32(), nullable=False),
-    pa.field("k_max_abs_diff", pa.float32(), nullable=False),  # over the row's valid positions
-    pa.field("v_max_abs_diff", pa.float32(), nullable=False),
-    pa.field("k_rel", pa.float32(), nullable=False),  # / max |solo K| of the layer
-    pa.field("v_rel", pa.float32(), nullable=False),
-    pa.field("flipped_at_step", pa.int32(), nullable=True),  # first flip of the prompt; null: none
-    pa.field("k_new_max_abs_diff", pa.float32(), nullable=False),  # positions written at this step
-    pa.field("v_new_max_abs_diff", pa.float32(), nullable=False),
-    pa.field("flip", pa.bool_(), nullable=False),  # batched argmax != solo argmax at this step
-    pa.field("batch_size", pa.int32(), nullable=False),
-    pa.field("row", pa.int32(), nullable=False),
-    pa.field("pad_len", pa.int32(), nullable=False),
-    pa.field("prompt_len", pa.int32(), nullable=False),
-]
-KV_SCHEMA = pa.schema(KV_FIELDS)
-KV_COLUMNS = [f.name for f in KV_FIELDS]
 
 
 # --------------------------------------------------------------------------- configs
@@ -84,14 +59,10 @@ def _check_common(batch_size: int | None = None, max_new_tokens: int | None = No
 
 
 @dataclass
-class OpsConfig:
-    model: str = "smollm2"
-    dtype: str = "bfloat16"
-    device: str = "auto"
+class OpsConfig(ModelOptions):
     rows: Sequence[int] = DEFAULT_ROWS
     seed: int = 0
     kv_len: int = 48
-    attn_implementation: str | None = None
     threads: int | None = None  # torch threads (kernels can depend on it); None: torch's default
 
     def validate(self) -> None:
@@ -102,18 +73,14 @@ class OpsConfig:
 
 
 @dataclass
-class PromptConfig:
+class PromptConfig(ModelOptions):
     prompt: str  # an id of the prompt set, or the text of a prompt
     prompts: str = "chat"  # where prompt ids and fillers come from
-    model: str = "smollm2"
-    dtype: str = "bfloat16"
-    device: str = "auto"
     batch_size: int = 8
     max_new_tokens: int = 32
     row: int = 0
     exact: bool = False  # a batch of copies of the prompt: equal lengths, no padding
     chat: bool = True
-    attn_implementation: str | None = None
     threads: int | None = None  # torch threads (kernels can depend on it); None: torch's default
 
     def validate(self) -> None:
@@ -123,19 +90,15 @@ class PromptConfig:
 
 
 @dataclass
-class KvConfig:
+class KvConfig(ModelOptions):
     prompts: str
     out: Path
-    model: str = "smollm2"
-    dtype: str = "bfloat16"
-    device: str = "auto"
     batch_size: int = 8
     max_new_tokens: int = 64
     limit: int | None = None  # probe only the first N prompts (fillers still come from the whole set)
     flips: int = 3  # stop after this many prompts with a flip
     plot: Path | None = None  # default: OUT/kv.png
     chat: bool = True
-    attn_implementation: str | None = None
     threads: int | None = None  # torch threads (kernels can depend on it); None: torch's default
 
     def validate(self) -> None:
@@ -180,7 +143,6 @@ def batch_for(index: int | None, probe_ids: list[int], encoded: list[list[int]],
 
 def _load(config, log, loaded=None):
     """Set the torch thread count when asked, then load the model (unless one is given)."""
-    from ..models import load_model
 
     if config.threads is not None:
         import torch
@@ -190,7 +152,7 @@ def _load(config, log, loaded=None):
         torch.set_num_threads(config.threads)
     if loaded is not None:
         return loaded
-    return load_model(config.model, config.dtype, config.device, config.attn_implementation, log=log)
+    return config.load(log=log)
 
 
 def run_ops(config: OpsConfig, log: Callable[[str], None] | None = None, loaded=None) -> OpsReport:
@@ -277,18 +239,9 @@ def run_kv(config: KvConfig, log: Callable[[str], None] | None = None, loaded=No
 # --------------------------------------------------------------------------- K/V output
 
 
-def kv_table(results: Sequence[KvDriftResult], provenance: dict[str, Any]) -> pa.Table:
-    rows = [r for res in results for r in res.records()]
-    columns = {name: [r[name] for r in rows] for name in KV_COLUMNS}
-    schema = KV_SCHEMA.with_metadata({
-        PROVENANCE_KEY: json.dumps(provenance, sort_keys=True, default=str).encode(),
-        SCHEMA_VERSION_KEY: KV_SCHEMA_VERSION.encode(),
-    })
-    return pa.Table.from_pydict(columns, schema=schema)
-
-
 def write_kv_table(path: Path, results: Sequence[KvDriftResult], provenance: dict[str, Any]) -> Path:
-    atomic_write_table(Path(path), kv_table(results, provenance))
+    with kv_writer(Path(path), provenance) as w:
+        w.write(r for res in results for r in res.records())
     return Path(path)
 
 

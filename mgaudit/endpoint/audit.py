@@ -47,8 +47,7 @@ from ..errors import OutputError, TraceError, UsageError
 from ..progress import Stage, as_callback
 from ..scan import batch_groups
 from ..formats.provenance import run_provenance
-from ..formats.traces import (atomic_write_json, atomic_write_table, read_provenance, rows_to_table, stale_temp_files,
-                      trace_files)
+from ..formats.traces import atomic_write_json, read_provenance, stale_temp_files, trace_files, trace_writer
 from .client import Completion, EndpointClient, RequestSpec, ServerInfo, TokenMap, logprob_precision
 
 SOLO_CHUNK = 8
@@ -499,7 +498,8 @@ async def _scan_async(config: EndpointScanConfig, progress, log: Callable[[str],
                 st_solo.advance()
             unit = {"kind": "solo", "batch_size": 1, "seconds": time.perf_counter() - t1,
                     "requests": [_request_meta(prep.prompts[i].id, c) for i, c in zip(idx, comps)]}
-            atomic_write_table(path, rows_to_table(rows, unit_prov(unit, client, comps)))
+            with trace_writer(path, unit_prov(unit, client, comps)) as w:
+                w.write(rows)
             written += 1
         solo_files = sorted(out.glob("trace-solo-*.parquet"))
         solos, solo_lens = _read_solos(solo_files)
@@ -522,7 +522,8 @@ async def _scan_async(config: EndpointScanConfig, progress, log: Callable[[str],
                 st_cache.advance()
             unit = {"kind": "prefix-cache-warm", "batch_size": 1, "seconds": time.perf_counter() - t1,
                     "requests": reqs}
-            atomic_write_table(path, rows_to_table(rows, unit_prov(unit, client, comps)))
+            with trace_writer(path, unit_prov(unit, client, comps)) as w:
+                w.write(rows)
             written += 1
 
         for path, kind, (b, g, members, owned) in [p for p in todo if p[1] == "load"]:
@@ -536,7 +537,8 @@ async def _scan_async(config: EndpointScanConfig, progress, log: Callable[[str],
             unit = {"kind": "load", "batch_size": b, "group": g, "seconds": seconds,
                     "requests": [_request_meta(prep.prompts[i].id, c) for i, c in zip(members, comps)],
                     "owned": owned}
-            atomic_write_table(path, rows_to_table(rows, unit_prov(unit, client, comps[:owned])))
+            with trace_writer(path, unit_prov(unit, client, comps[:owned])) as w:
+                w.write(rows)
             written += 1
             st_load.advance()
 

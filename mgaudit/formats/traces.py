@@ -21,10 +21,10 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from ..errors import OutputError, TraceError
+from . import parquet
+from .parquet import PROVENANCE_KEY
 
 SCHEMA_VERSION = "2"  # 2: the first_divergence column
-PROVENANCE_KEY = b"mgaudit.provenance"
-SCHEMA_VERSION_KEY = b"mgaudit.schema_version"
 
 #: One row per (prompt, batch size, mode, step). ``mode`` is "solo" (the batch-1
 #: reference itself: batched_* repeat solo_*), "sync" (the batched run is fed the
@@ -73,21 +73,19 @@ TMP_PREFIX = ".tmp-"
 TMP_SUFFIX = ".partial"
 
 
-def schema_with_provenance(provenance: dict[str, Any]) -> pa.Schema:
-    return TRACE_SCHEMA.with_metadata(
-        {
-            PROVENANCE_KEY: json.dumps(provenance, sort_keys=True).encode(),
-            SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode(),
-        }
-    )
+def _first_divergence(rows: list[dict[str, Any]], columns: dict[str, list]) -> None:
+    columns["first_divergence"] = [r["first_divergence"] if "first_divergence" in r
+                                   else bool(r["flip"] and r["prefix_match"]) for r in rows]
 
 
 def rows_to_table(rows: Iterable[dict[str, Any]], provenance: dict[str, Any]) -> pa.Table:
-    rows = list(rows)
-    columns = {name: [r[name] for r in rows] for name in TRACE_COLUMNS if name not in DERIVED_COLUMNS}
-    columns["first_divergence"] = [r["first_divergence"] if "first_divergence" in r
-                                   else bool(r["flip"] and r["prefix_match"]) for r in rows]
-    return pa.Table.from_pydict(columns, schema=schema_with_provenance(provenance))
+    """Trace rows as a table (schema and metadata from :mod:`mgaudit.formats.parquet`)."""
+    return parquet.table(rows, TRACE_SCHEMA, SCHEMA_VERSION, provenance, derive=_first_divergence)
+
+
+def trace_writer(path: Path, provenance: dict[str, Any]) -> parquet.TableWriter:
+    """The writer of one trace file (see :class:`mgaudit.formats.parquet.TableWriter`)."""
+    return parquet.TableWriter(path, TRACE_SCHEMA, SCHEMA_VERSION, provenance, derive=_first_divergence)
 
 
 def _open_new(path: Path) -> int:
