@@ -130,8 +130,9 @@ def _shared(yes: str, no: str, check: dict[str, Any] | None) -> str:
     if not check:
         return no
     if check.get("ok"):
-        n = check.get("rows_compared") or check.get("compared")
-        return f"{yes} (checked bit for bit against {n} {'rows' if 'rows_compared' in check else 'prompts'} alone)"
+        if "rows_compared" in check:
+            return f"{yes} (checked: {check['rows_compared']} rows of shared calls equal to each row alone, bit for bit)"
+        return f"{yes} (checked: {check['compared']} packed prompts equal to each prompt alone, logits and K/V bit for bit)"
     return f"{no} (a shared run differed: {check.get('first_failure')})"
 
 

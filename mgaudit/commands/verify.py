@@ -19,8 +19,9 @@ def render(report: dict[str, Any]) -> None:
     s, pol = report["summary"], report["policy"]
     tau = "-" if pol["threshold"] is None else f"{pol['threshold']!r}"  # stored as the shortest float32 decimal
     name = pol["name"] + (f" (tau={tau}, {pol['fast_path']} fast path)" if pol["name"] == "gate" else "")
-    table = Table(title=f"verify: policy {name}, batch size {pol['batch_size']}")
-    table.add_column("sequences identical to solo", justify="right")
+    ref = "solo" if s.get("contract", "solo") == "solo" else "the batch-invariant reference"
+    table = Table(title=f"verify: policy {name}, batch size {pol['batch_size']}, contract {s.get('contract', 'solo')}")
+    table.add_column(f"sequences identical to {ref}", justify="right")
     table.add_column("trigger rate", justify="right")
     table.add_column("mismatches repaired", justify="right")
     table.add_column("solo s", justify="right")
@@ -57,9 +58,9 @@ def render(report: dict[str, Any]) -> None:
                       escape(repr(r["solo_text"])), escape(repr(r["policy_text"])),
                       fmt(r["solo_margin"]), fmt(r["policy_margin"]), str(r["verified_at_divergence"]))
         console.out.print(t)
-        console.out.print(f"[bold red]FAIL[/]: {len(bad)} of {s['sequences']} sequences differ from solo")
+        console.out.print(f"[bold red]FAIL[/]: {len(bad)} of {s['sequences']} sequences differ from {ref}")
     else:
-        console.out.print(f"[bold green]PASS[/]: all {s['sequences']} sequences identical to solo")
+        console.out.print(f"[bold green]PASS[/]: all {s['sequences']} sequences identical to {ref}")
 
 
 def register(app: typer.Typer) -> None:
