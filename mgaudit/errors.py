@@ -21,6 +21,14 @@ class MgauditError(Exception):
     def one_line(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
+    @property
+    def params(self) -> list[str]:
+        """The parameters the message and hint name (library messages write them as ```name```;
+        the CLI shows them as its flags)."""
+        import re
+
+        return list(dict.fromkeys(re.findall(r"`([a-z][a-z0-9_]*)`", self.one_line())))
+
 
 class UsageError(MgauditError):
     """A flag or option has a bad value."""

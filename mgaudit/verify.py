@@ -20,9 +20,8 @@ from .decoding.policies import AUDIT_EVERY, CONTRACTS, FAST_PATHS, POLICIES, Dec
 from .progress import Stage, as_callback
 from .formats.traces import check_output_file
 from .formats.provenance import run_provenance
+from .formats.report import VerifyReport
 
-REPORT_FORMAT = "mgaudit.verify"
-REPORT_VERSION = 1
 
 
 @dataclass
@@ -179,13 +178,12 @@ def compare(pid: str, solo, gated, tokenizer) -> dict[str, Any]:
 
 def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | None = None,
            loaded=None) -> dict[str, Any]:
-    """Run solo and policy decoding; return the report dict (see REPORT_FORMAT)."""
+    """Run solo and policy decoding; return the :class:`~mgaudit.formats.report.VerifyReport`."""
     from .decoding.architectures import check_supported
     from .formats.gate import float32_decimal, float32_value, load_gate
     from .models import model_context
     from .prompts import encode_prompt, fit_context, load_prompts
     from .resources import check_fits
-    from .formats.traces import atomic_write_json
 
     log = log or (lambda m: None)
     report_progress = as_callback(progress)
@@ -264,10 +262,8 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
         "lowered": out.lowered,
     }
     summary["exactness"] = exactness_statement(policy, out, summary)
-    report = {
-        "format": REPORT_FORMAT,
-        "version": REPORT_VERSION,
-        "policy": {
+    report = VerifyReport(
+        policy={
             "name": policy.name,
             # strict JSON has no infinity: an infinite tau (verify every step) is written as null
             "threshold": float32_decimal(threshold) if threshold is not None and math.isfinite(threshold) else None,
@@ -275,13 +271,12 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
             "batch_size": config.batch_size,
             "gate": gate_info,
         },
-        "summary": summary,
-        "sequences": records,
-        "drift": [asdict(e) | {"prompt_id": prompts[e.row].id} for e in out.drift_events],
-        "probe": out.probe,
-        "provenance": run_provenance(lm.provenance(), prompt_set, config,
-                                     prompts_extra={"skipped_too_long": skipped}),
-    }
+        summary=summary,
+        sequences=records,
+        drift=[asdict(e) | {"prompt_id": prompts[e.row].id} for e in out.drift_events],
+        probe=out.probe,
+        provenance=run_provenance(lm.provenance(), prompt_set, config, prompts_extra={"skipped_too_long": skipped}),
+    )
     if config.report is not None:
-        atomic_write_json(Path(config.report), report)
+        report.write(Path(config.report))
     return report

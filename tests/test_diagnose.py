@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from mgaudit.cli import app
@@ -23,10 +21,8 @@ from mgaudit.diagnose.run import (
 )
 from mgaudit.diagnose.layers import BLOCKS
 from mgaudit.errors import PromptError, UsageError
-from mgaudit.models import LoadedModel
 from mgaudit.formats.traces import PROVENANCE_KEY
 
-from tiny_tokenizer import build_tiny_tokenizer
 
 ROWS = (1, 2, 3, 4, 8, 32, 64, 65)
 OP_KINDS = {"linear", "linear-prefill", "norm", "rotary", "attention", "attention-mask", "attention-cache"}
@@ -40,30 +36,15 @@ PROMPTS = [
 ]
 
 
-def _tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tok = build_tiny_tokenizer()
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-    return model, tok
+@pytest.fixture(scope="module")
+def tiny(tiny_lm):
+    """The shared tiny model (conftest's ``tiny_lm``)."""
+    return tiny_lm
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model, tok = _tiny_model()
-    return LoadedModel(model, tok, "tiny-llama", "test", None, "bfloat16", "cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny.model.save_pretrained(d)
-    tiny.tokenizer.save_pretrained(d)
-    return d
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -67,3 +67,19 @@ def test_run_provenance_block(tmp_path: Path) -> None:
     assert prov["prompts"] == {"source": "file", "name": "set", "sha256": "abc", "count": 2, "skipped": []}
     assert prov["config"] == {"out": str(tmp_path), "n": 3}
     assert prov["mgaudit_version"] and prov["created"].endswith("+00:00")
+
+
+def test_verify_report_round_trips_and_reads_like_its_json(tmp_path: Path) -> None:
+    from mgaudit.errors import InputError
+    from mgaudit.formats.report import REPORT_FORMAT, VerifyReport
+
+    rep = VerifyReport(policy={"name": "gate"}, summary={"identical": 2, "sequences": 2}, sequences=[{"id": "a"}])
+    assert rep["summary"]["identical"] == 2 and dict(rep)["format"] == REPORT_FORMAT
+    rep.write(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == rep.to_dict()
+    assert VerifyReport.read(tmp_path / "r.json") == rep
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(InputError, match="not an mgaudit verify report"):
+        VerifyReport.read(tmp_path / "bad.json")
+    with pytest.raises(KeyError):
+        rep["nope"]

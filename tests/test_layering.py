@@ -132,3 +132,15 @@ def test_readme_file_table_names_every_module() -> None:
         if f"`{name}`" not in readme and f"`{rel.name}`" not in readme:
             missing.append(name)
     assert not missing, f"README's file table does not name {missing}"
+
+
+def test_errors_say_which_parameter() -> None:
+    from mgaudit.errors import UsageError
+    from mgaudit.verify import VerifyConfig
+
+    with pytest.raises(UsageError) as exc:
+        VerifyConfig(prompts="x", batch_size=0).validate()
+    assert exc.value.params == ["batch_size"]
+    with pytest.raises(UsageError) as exc:
+        VerifyConfig(prompts="x", policy="gate").validate()
+    assert exc.value.params == ["policy", "gate", "threshold"]

@@ -18,7 +18,8 @@ from cli_helpers import stderr_of as _stderr
 
 from perturb import flip_logits_at
 from mgaudit.errors import GateError, UsageError
-from mgaudit.verify import REPORT_FORMAT, REPORT_VERSION, VerifyConfig, verify
+from mgaudit.formats.report import REPORT_FORMAT, REPORT_VERSION
+from mgaudit.verify import VerifyConfig, verify
 
 LIMIT = 6
 MAX_NEW = 8

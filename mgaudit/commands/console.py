@@ -14,7 +14,9 @@ err = Console(stderr=True, highlight=False)  # progress, diagnostics
 
 
 def print_json(obj: Any) -> None:
-    """Machine output: plain JSON on stdout, no rich markup."""
+    """Machine output: plain JSON on stdout, no rich markup (objects with ``to_dict`` as that)."""
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
 

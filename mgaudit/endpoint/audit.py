@@ -599,7 +599,7 @@ def _compare(pid: str, solo: Completion, loaded: Completion, tok: Any) -> dict[s
 
 async def _verify_async(config: EndpointVerifyConfig, progress,
                         log: Callable[[str], None]) -> dict[str, Any]:
-    from ..verify import REPORT_FORMAT, REPORT_VERSION
+    from ..formats.report import VerifyReport
 
     info = await _probe(config.endpoint, config.timeout)
     if info.slots is not None and config.batch_size > info.slots:
@@ -643,20 +643,18 @@ async def _verify_async(config: EndpointVerifyConfig, progress,
         "retries": retries,
         "tokens_only": config.tokens_only,
     }
-    report = {
-        "format": REPORT_FORMAT,
-        "version": REPORT_VERSION,
-        "policy": {"name": "endpoint", "batch_size": config.batch_size, "endpoint": info.base_url,
-                   "engine": info.engine, "threshold": None, "threshold_text": None, "fast_path": None, "gate": None},
-        "summary": summary,
-        "sequences": records,
-        "provenance": run_provenance(
+    report = VerifyReport(
+        policy={"name": "endpoint", "batch_size": config.batch_size, "endpoint": info.base_url,
+                "engine": info.engine, "threshold": None, "threshold_text": None, "fast_path": None, "gate": None},
+        summary=summary,
+        sequences=records,
+        provenance=run_provenance(
             {**_engine_provenance(info, prep, config.tokens_only, config.engine_note, config.max_new_tokens),
              "logprob_precision": logprob_precision(vals), "token_ids": mapping or "from the server"},
             prep.prompt_set, config, count=n),
-    }
+    )
     if config.report is not None:
-        atomic_write_json(Path(config.report), report)
+        report.write(Path(config.report))
     return report
 
 

@@ -1,0 +1,69 @@
+"""The verify report (``verify --report FILE`` and ``verify()``'s result): its fields, written
+atomically and read back with checks in this module only."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import InputError, json_error_text
+
+REPORT_FORMAT = "mgaudit.verify"
+REPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class VerifyReport(Mapping):
+    """What ``verify`` checked: the policy run, the summary (identical sequences, triggers, audits,
+    drift events, the exactness statement), one record per sequence (with both token lists), the
+    drift events, the probe's evidence and the provenance. Read-only; also a mapping of its fields
+    (``report["summary"]``), as its JSON form reads."""
+
+    policy: dict[str, Any]
+    summary: dict[str, Any]
+    sequences: list[dict[str, Any]]
+    drift: list[dict[str, Any]] = field(default_factory=list)
+    probe: dict[str, Any] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    format: str = REPORT_FORMAT
+    version: int = REPORT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def write(self, path: Path) -> None:
+        from .traces import atomic_write_json
+
+        atomic_write_json(Path(path), self.to_dict())
+
+    @classmethod
+    def read(cls, path: Path) -> "VerifyReport":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read the report ({exc.strerror or exc})") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: not valid JSON ({json_error_text(exc)})") from None
+        if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
+            raise InputError(f"{path}: not an mgaudit verify report")
+        if data.get("version") != REPORT_VERSION:
+            raise InputError(f"{path}: unsupported report version {data.get('version')!r} "
+                             f"(this mgaudit reads {REPORT_VERSION})")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    # a read-only mapping of the fields
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.__dataclass_fields__)
+
+    def __len__(self) -> int:
+        return len(self.__dataclass_fields__)
