@@ -501,7 +501,7 @@ def probe_attention(model, up_to: int, gen: torch.Generator) -> dict[str, Any] |
     row alone, bit for bit, :data:`ATTENTION_ROWS` rows in all. None where the contract's attention
     is per row.
     """
-    from .ragged import bucketed_attention, bucketed_sdpa
+    from .ragged import bucket_mask, bucketed_attention, bucketed_sdpa
 
     if bucketed_attention(model) is None:
         return None
@@ -520,8 +520,7 @@ def probe_attention(model, up_to: int, gen: torch.Generator) -> dict[str, Any] |
         v = torch.zeros_like(k)
         for i, (n, _, rk, rv) in enumerate(rows):
             k[i, :, w - n:], v[i, :, w - n:] = rk, rv
-        need = torch.tensor([w - r[0] for r in rows], device=dev)
-        mask = (torch.arange(w, device=dev)[None, :] >= need[:, None])[:, None, None, :]
+        mask = bucket_mask(w, [r[0] for r in rows], dev)
         return bucketed_sdpa(torch.stack([r[1] for r in rows]), k, v, mask, scale, heads // kv_heads)
 
     def rand(*shape, std=1.0):

@@ -77,17 +77,13 @@ def prefill_plan(model, decode_rows: int):
 
 @contextlib.contextmanager
 def _packed(model, bounds: list[int]) -> Iterator[None]:
-    from transformers.modeling_utils import AttentionInterface
+    from .ragged import attention_implementation
 
-    AttentionInterface.register(PACKED, packed_attention)
-    config = model.config
-    base = config._attn_implementation
     token = _segments.set(bounds)
-    config._attn_implementation = PACKED
     try:
-        yield
+        with attention_implementation(model, PACKED, packed_attention):
+            yield
     finally:
-        config._attn_implementation = base
         _segments.reset(token)
 
 

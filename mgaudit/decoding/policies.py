@@ -278,7 +278,8 @@ def decode_batch(
         cache = pad_cache_left(model, caches, lengths, margin=st.margin)
     if policy.solo_prefill:
         positions = torch.tensor(lengths, dtype=torch.long, device=st.device)[:, None] - 1
-        padded = Padded(model, left_pad(prompts, pad_id, st.device)[1])  # always: the verified padded batch
+        if not policy.ragged:  # always: the verified padded batch
+            padded = Padded(model, left_pad(prompts, pad_id, st.device)[1])
 
     def ragged_forward(c, fed, pos):
         with ragged_step(model, starts, bucket=bucket, share_span=plan.attention_span), decode_kernels(model, plan):

@@ -177,6 +177,12 @@ def bucketed_attention(model) -> int | None:
     return BUCKET
 
 
+def bucket_mask(width: int, lengths: Sequence[int], device) -> torch.Tensor:
+    """``[rows, 1, 1, width]``: True on each row's last ``lengths[i]`` columns (its own, right-aligned)."""
+    need = torch.tensor([width - n for n in lengths], device=device)
+    return (torch.arange(width, device=device)[None, :] >= need[:, None])[:, None, None, :]
+
+
 def bucketed_sdpa(query, key, value, mask, scale, groups: int):
     """The batch-invariant contract's attention call for single-token queries ``[B, H, 1, D]`` over
     left-padded K/V ``[B, H_kv, L, D]`` with a boolean ``mask [B, 1, 1, L]``.
@@ -226,9 +232,7 @@ def _bucketed_call(state: _State, query, key, value, total: int, rows: list[int]
     mkey = ("bucket", total, tuple(rows), w)
     mask = state.masks.get(mkey)
     if mask is None:
-        need = torch.tensor([w - lengths[b] for b in rows], device=key.device)
-        mask = (torch.arange(w, device=key.device)[None, :] >= need[:, None])[:, None, None, :]
-        state.masks[mkey] = mask
+        mask = state.masks[mkey] = bucket_mask(w, [lengths[b] for b in rows], key.device)
     return bucketed_sdpa(query, key[:, :, -w:], value[:, :, -w:], mask, scale, groups).transpose(1, 2)
 
 
@@ -246,10 +250,10 @@ def ragged_attention(module, query, key, value, attention_mask, **kwargs):
     base = state.base if state.base is not None else _eager_fn(module)
     direct = (_direct_sdpa_ok(base, module, key) and not kwargs.get("dropout")
               and kwargs.get("softcap") is None and kwargs.get("s_aux") is None)
-    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    groups = getattr(module, "num_key_value_groups", 1)
+    gqa = groups > 1
     if state.bucket and direct and window is None and offset == 0:
-        return _bucketed(state, query, key, value, total, getattr(module, "num_key_value_groups", 1),
-                         kwargs.get("scaling"))
+        return _bucketed(state, query, key, value, total, groups, kwargs.get("scaling"))
     outs = []
     for b, s in enumerate(state.starts):
         first = s if window is None else max(s, total - window)
@@ -271,10 +275,20 @@ def ragged_attention(module, query, key, value, attention_mask, **kwargs):
     return torch.cat(outs, dim=0).contiguous(), None
 
 
-def _register() -> None:
+@contextlib.contextmanager
+def attention_implementation(model, name: str, fn) -> Iterator[str]:
+    """Within the block the model runs attention implementation ``name`` (``fn``, registered with
+    transformers); yields the implementation it had, restored in ``finally``."""
     from transformers.modeling_utils import AttentionInterface
 
-    AttentionInterface.register(RAGGED, ragged_attention)
+    AttentionInterface.register(name, fn)
+    config = model.config
+    base = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield base
+    finally:
+        config._attn_implementation = base
 
 
 # --------------------------------------------------------------------------- mixture of experts
@@ -322,7 +336,6 @@ def ragged_step(model, starts: Sequence[int], cache=None, bucket: int | None = N
     K/V must hold all columns (as :func:`mgaudit.decoding.cache_ops.pad_cache_left` builds them);
     with it, caches whose sliding layers keep only their window work too.
     """
-    _register()
     config = model.config
     base_name = config._attn_implementation
     if base_name == RAGGED:
@@ -330,19 +343,18 @@ def ragged_step(model, starts: Sequence[int], cache=None, bucket: int | None = N
     state = _State(list(starts), base_name, _attention_fn(base_name), layer_windows(model), config, cache,
                    bucket=bucket, share_span=share_span)
     token = _rows.set(state)
-    config._attn_implementation = RAGGED
     patched: list[tuple[torch.nn.Module, Any]] = []
     try:
-        for module in moe_blocks(model):
-            previous = vars(module).get("forward")
-            patched.append((module, previous))
-            module.forward = _one_row_at_a_time(module, previous or type(module).forward.__get__(module))
-        yield
+        with attention_implementation(model, RAGGED, ragged_attention):
+            for module in moe_blocks(model):
+                previous = vars(module).get("forward")
+                patched.append((module, previous))
+                module.forward = _one_row_at_a_time(module, previous or type(module).forward.__get__(module))
+            yield
     finally:
         for module, previous in reversed(patched):
             if previous is None:
                 vars(module).pop("forward", None)
             else:
                 module.forward = previous
-        config._attn_implementation = base_name
         _rows.reset(token)
