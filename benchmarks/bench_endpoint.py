@@ -52,9 +52,9 @@ async def _bare(url: str, specs, concurrency: int, timeout: float) -> float:
 
 
 async def _recorded(url: str, specs, refs, ids, concurrency: int, timeout: float, out: Path) -> float:
-    from mgaudit.endpoint.audit import pair_rows
     from mgaudit.endpoint.client import EndpointClient
-    from mgaudit.formats.traces import atomic_write_table, rows_to_table
+    from mgaudit.formats.parquet import atomic_write_table
+    from mgaudit.formats.traces import RowKey, pair_rows, rows_to_table
 
     sem = asyncio.Semaphore(concurrency)
     rows: list[dict] = []
@@ -63,7 +63,8 @@ async def _recorded(url: str, specs, refs, ids, concurrency: int, timeout: float
             async with sem:
                 c = await client.complete(spec)
             i = ids[k]
-            rows.extend(pair_rows(f"p{i}", i, concurrency, 0, k, 0, refs[i], c))
+            key = RowKey(f"p{i}", i, 0, "in-flight", concurrency, 0, 0, k)
+            rows.extend(pair_rows("free", key, refs[i], c))
 
         t0, c0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(one(k, s) for k, s in enumerate(specs)))
@@ -93,8 +94,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the result JSON here")
     args = ap.parse_args()
 
-    from mgaudit.endpoint.audit import prepare, probe, with_cache
+    from mgaudit.audit.backend import build_requests
+    from mgaudit.audit.remote import EndpointBackend
+    from mgaudit.audit.steps import Settings
     from mgaudit.endpoint.llama_server import LlamaServer, build_llama_server, default_gguf
+    from mgaudit.prompts import load_prompts
     from mgaudit.models import cpu_model
 
     srv = fake = None
@@ -110,9 +114,12 @@ def main() -> None:
                           ctx=1024 * args.slots).start()
         url = srv.url
     try:
-        info = probe(url)
-        prep = prepare(args.prompts, args.limit, None, True, args.max_tokens, False, info, print)
-        base = [with_cache(s, info, False) for s in prep.specs]
+        backend = EndpointBackend(url)
+        info = backend.info
+        settings = Settings(args.max_tokens, chat=True)
+        requests, _ = build_requests(load_prompts(args.prompts, limit=args.limit), None, settings)
+        base = [backend.spec(r, settings) for r in requests]  # as a scan sends them (cold prompt cache)
+        backend.close()
         ids = [k % len(base) for k in range(args.requests)]
         specs = [base[i] for i in ids]
         refs = asyncio.run(_refs(url, base, args.timeout))

@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
-    from mgaudit.endpoint import EndpointScanConfig, scan_endpoint
+    from mgaudit.scan import ScanConfig, scan
     from mgaudit.endpoint.llama_server import LlamaServer, build_llama_server, default_gguf
     from mgaudit.models import cpu_model
 
@@ -48,11 +48,11 @@ def main() -> None:
         with srv:
             for name in args.sets.split(","):
                 t0 = time.perf_counter()
-                res = scan_endpoint(EndpointScanConfig(
+                res = scan(ScanConfig(
                     prompts=name, out=args.out / "traces" / f"{name}-np{s}", endpoint=srv.url, batch_sizes=[s],
                     max_new_tokens=args.max_new_tokens, limit=args.limit, overwrite=True,
                     engine_note=f"llama-server -np {s} -c {1024 * s} -t {srv.threads}"))
-                e = res.summary["by_batch_size"][0]
+                e = res.summary["by_condition"][0]
                 sync, free = e["sync"], e["free"]
                 row = {"set": name, "slots": s, "batch_size": s, "steps": sync["steps"], "flips": sync["flips"],
                        "flip_rate": sync["flip_rate"], "sequences": free["sequences"],

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "threshold": tau, "calibrated_on": args.calibrate_on if args.gate is None else None, "method": method,
         "calibration": figures, "transfer": transfer,
-        "flips": {s: scans[s]["by_batch_size"] for s in scans},
+        "flips": {s: scans[s]["by_condition"] for s in scans},
         "policies": results,
         "elapsed_seconds": time.perf_counter() - t_start,
     }

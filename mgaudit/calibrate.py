@@ -44,7 +44,9 @@ import pyarrow.compute as pc
 from . import __version__
 from .errors import NoFlipsError, OutputError, TraceError, UsageError
 from .formats.gate import GATE_FORMAT, GATE_VERSION, METRIC, RULE, float32_decimal, float32_up, write_gate
-from .formats.traces import check_output_file, check_same_model, read_traces, trace_files
+from .formats.files import check_output_file
+from .formats.traces import check_same_model, read_traces, trace_files
+from .stats import interval95
 
 METHODS = ("recall", "bound")
 
@@ -57,8 +59,6 @@ MAX_FLIP_CANDIDATES = 40
 #: Below this many flips a recall figure says little (at 30 of 30 the 95 % interval is still
 #: about [89 %, 100 %]): calibrate warns, in its output and in gate.json.
 MIN_FLIPS = 30
-#: z for two-sided 95 % intervals.
-Z95 = 1.959963984540054
 
 
 @dataclass
@@ -383,21 +383,6 @@ def calibrate(config: CalibrateConfig) -> CalibrationResult:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def interval95(k: int, n: int) -> list[float] | None:
-    """95 % interval of a proportion k/n: Wilson score, and the rule of three at 0 of n (and n of n).
-    None where n is 0."""
-    if n <= 0:
-        return None
-    if k == 0:
-        return [0.0, min(1.0, 3.0 / n)]
-    if k == n:
-        return [max(0.0, 1.0 - 3.0 / n), 1.0]
-    p, z2 = k / n, Z95 * Z95
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def _refuse_duplicates(paths: Sequence[Path], what: str) -> None:

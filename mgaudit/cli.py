@@ -14,21 +14,24 @@ import typer
 
 from . import __version__
 from .commands import register_all
-from .commands.boundary import set_debug
+from .commands.boundary import set_debug, use_flags
 from .commands.clihelp import MgauditGroup, apply_command_class
 
 #: Exit codes, as documented in ``--help`` and docs/ci.md.
 EXIT_CODES = (
-    ("0", "success (verify: every sequence identical to solo)"),
-    ("1", "verify: some sequences differ from solo"),
-    ("2", "bad input: a file, flag or model that cannot be used (one line on stderr)"),
+    ("0", "success (verify: every sequence identical to its reference)"),
+    ("1", "verify: some sequences differ, every difference within noise (or no threshold to tell)"),
+    ("2", "bad input: a file, flag, model or server that cannot be used (one line on stderr)"),
     ("3", "internal error: a bug in mgaudit (--debug shows the traceback)"),
+    ("4", "verify: some difference is anomalous (the reference's margin >= tau: rounding cannot explain it)"),
     ("130/143", "interrupted by SIGINT/SIGTERM"),
 )
 
 #: Every environment variable mgaudit reads.
 ENV_VARS = (
-    ("MGAUDIT_CACHE", "where the default model is cached (default ~/.cache/mgaudit)"),
+    ("MGAUDIT_CACHE", "where the default model, the probe results, the reference runs and llama-server are cached (default ~/.cache/mgaudit)"),
+    ("MGAUDIT_API_KEY", "the API key sent to --endpoint/--reference servers (or OPENAI_API_KEY)"),
+    ("OPENAI_API_KEY", "the API key sent to servers where MGAUDIT_API_KEY is unset"),
     ("MGAUDIT_DEBUG", "1: show tracebacks, like --debug"),
     ("MGAUDIT_NO_PROBE_CACHE", "1: do not reuse the cached invariance probe of the ragged path"),
     ("HF_HUB_OFFLINE", "1: never contact the Hugging Face Hub (hf: datasets and Hub models from the local cache only)"),
@@ -98,6 +101,25 @@ def _root(
 
 register_all(app)
 apply_command_class(app)
+
+
+def long_options() -> set[str]:
+    """Every long option of every command of the app (the boundary writes parameter names as these)."""
+    import click
+
+    found: set[str] = set()
+
+    def walk(cmd: click.Command) -> None:
+        for p in cmd.params:
+            found.update(o for o in p.opts if o.startswith("--"))
+        for sub in getattr(cmd, "commands", {}).values():
+            walk(sub)
+
+    walk(typer.main.get_command(app))
+    return found
+
+
+use_flags(long_options)
 
 
 def run() -> None:  # console script

@@ -37,8 +37,8 @@ PAPER: dict[str, Any] = {"batch_sizes": [4, 8, 16], "verify_batch_size": 16, "ma
 def verdict(result: dict[str, Any]) -> dict[str, Any]:
     """The story in figures: what plain batching did in the scan, what the gate did in verify."""
     summary = result["scan"].summary
-    free = [e["free"] for e in summary["by_batch_size"] if "free" in e]
-    sync = [e["sync"] for e in summary["by_batch_size"] if "sync" in e]
+    free = [e["free"] for e in summary["by_condition"] if "free" in e]
+    sync = [e["sync"] for e in summary["by_condition"] if "sync" in e]
     reports = result["verify"]
     identical = sum(r["summary"]["identical"] for r in reports.values())
     sequences = sum(r["summary"]["sequences"] for r in reports.values())
@@ -61,7 +61,7 @@ def run_demo(config: DemoConfig, progress=None, log: Callable[[str], None] | Non
     from .errors import NoFlipsError
     from .models import load_model
     from .scan import ScanConfig, scan
-    from .formats.traces import check_output_dir
+    from .formats.files import check_output_dir
     from .verify import VerifyConfig, verify
 
     log = log or (lambda m: None)

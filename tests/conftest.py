@@ -7,6 +7,11 @@
 * ``real_lm``: the default model (SmolLM2-135M) on CPU, for ``@pytest.mark.slow`` tests.
 
 Tests marked ``gpu`` are skipped where no CUDA device is present.
+
+Every test run gets a cache of its own (``MGAUDIT_CACHE``, set in ``pytest_configure``): probe
+results and reference runs never come from another run. The default model, its GGUF and the
+llama-server build are linked in from the machine's cache (they are inputs, fetched or built
+once per machine).
 """
 
 from __future__ import annotations
@@ -36,17 +41,44 @@ TINY_PROMPTS = [
 ]
 
 
+#: Cache folders shared with the machine's cache (inputs); everything else is per run.
+SHARED_CACHE = ("models", "gguf", "llama-server")
+_run_cache: dict[str, str] = {}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Tiny bfloat16 matmuls on a shared CPU: with several OpenMP threads they spend
     # most of their time waiting for each other (40x slower here), so tests run
     # single-threaded unless MGAUDIT_TEST_THREADS says otherwise.
     import os
+    import tempfile
 
     import torch
 
     threads = int(os.environ.get("MGAUDIT_TEST_THREADS", "1") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
+    from mgaudit.models import cache_root
+
+    machine = cache_root()
+    run = Path(tempfile.mkdtemp(prefix="mgaudit-test-cache-"))
+    for sub in SHARED_CACHE:
+        (machine / sub).mkdir(parents=True, exist_ok=True)
+        (run / sub).symlink_to(machine / sub, target_is_directory=True)
+    _run_cache.update(previous=os.environ.get("MGAUDIT_CACHE", ""), run=str(run))
+    os.environ["MGAUDIT_CACHE"] = str(run)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import os
+    import shutil
+
+    if "run" in _run_cache:
+        shutil.rmtree(_run_cache["run"], ignore_errors=True)  # the links only, never what they point to
+        if _run_cache["previous"]:
+            os.environ["MGAUDIT_CACHE"] = _run_cache["previous"]
+        else:
+            os.environ.pop("MGAUDIT_CACHE", None)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -130,3 +162,35 @@ def cut_after_eos(tokens: list[int], eos: set[int]) -> list[int]:
         if t in eos:
             return tokens[: i + 1]
     return tokens
+
+
+# --------------------------------------------------------------------------- the audit core's backends
+
+
+@pytest.fixture(scope="session")
+def model_server(tiny_lm):
+    """An OpenAI-compatible server decoding with the tiny model, each request alone (tests/model_server.py)."""
+    from model_server import ModelServer
+
+    with ModelServer(tiny_lm, behaviour="exact") as srv:
+        yield srv
+
+
+class AuditBackend:
+    """A backend of the audit core as the CLI reaches it: ``args`` select it (and its tokenizer)."""
+
+    def __init__(self, name: str, args: list[str], server=None):
+        self.name, self.args, self.server = name, args, server
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@pytest.fixture(params=["local", "endpoint"])
+def backend(request, tiny_model_dir) -> AuditBackend:
+    """Each behaviour test of scan and verify runs once per backend: the local tiny model, and a
+    server decoding with the same model (token ids through its tokenizer)."""
+    if request.param == "local":
+        return AuditBackend("local", ["--model", str(tiny_model_dir), "--device", "cpu"])
+    srv = request.getfixturevalue("model_server")
+    return AuditBackend("endpoint", ["--endpoint", srv.url, "--model", str(tiny_model_dir)], srv)

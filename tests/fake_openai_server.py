@@ -15,40 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from http_server import CompletionServer
 
 FLIP_STEP = 3
 
 
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 128  # many concurrent connects (the default backlog of 5 resets some)
+class FakeServer(CompletionServer):
+    server_header = "fake-openai/1.0"
 
-
-class FakeServer:
     def __init__(self, delay: float = 0.15):
+        super().__init__(delay)
         self.behaviour = "ok"
-        self.delay = delay
         self.fail_after_n = 0
-        self.posts = 0
-        self.in_flight = 0
-        self.lock = threading.Lock()
-        self.httpd = _Server(("127.0.0.1", 0), self._handler())
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self) -> "FakeServer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
     # ------------------------------------------------------------------ answers
 
@@ -88,57 +67,20 @@ class FakeServer:
         return {"object": "chat.completion" if chat else "text_completion", "choices": [choice],
                 "usage": {"prompt_tokens": 5, "completion_tokens": n}}
 
-    def _handler(self):
-        server = self
+    def get(self, path: str) -> tuple[int, dict]:
+        if path == "/v1/models":
+            return 200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
+        return 404, {"error": "not found"}
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
+    def refuse(self, n_post: int) -> tuple[int, dict] | None:
+        if self.behaviour == "fail" or (self.behaviour == "fail_after" and n_post > self.fail_after_n):
+            return 503, {"error": "overloaded"}
+        return None
 
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-            def _send(self, code: int, obj) -> None:
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Server", "fake-openai/1.0")
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                if self.path == "/v1/models":
-                    self._send(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
-                else:
-                    self._send(404, {"error": "not found"})
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length) or b"{}")
-                with server.lock:
-                    server.posts += 1
-                    n_post = server.posts
-                    server.in_flight += 1
-                    others_at_entry = server.in_flight > 1
-                try:
-                    if server.behaviour == "fail" or (server.behaviour == "fail_after"
-                                                      and n_post > server.fail_after_n):
-                        self._send(503, {"error": "overloaded"})
-                        return
-                    time.sleep(server.delay)
-                    with server.lock:  # another request overlapped this one: it ran under load
-                        loaded = others_at_entry or server.posts > n_post
-                    if self.path == "/v1/chat/completions":
-                        self._send(200, server.answer(body, True, loaded))
-                    elif self.path == "/v1/completions":
-                        self._send(200, server.answer(body, False, loaded))
-                    else:
-                        self._send(404, {"error": "not found"})
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
-
-        return Handler
+    def post(self, path: str, body: dict, loaded: bool, n_post: int) -> tuple[int, dict]:
+        if path in ("/v1/chat/completions", "/v1/completions"):
+            return 200, self.answer(body, path.endswith("chat/completions"), loaded)
+        return 404, {"error": "not found"}
 
 
 if __name__ == "__main__":  # a standalone fake server, e.g. for benchmarks/bench_endpoint.py --fake

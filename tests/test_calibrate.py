@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from cli_helpers import assert_one_line_error, invoke, scan_config
 from typer.testing import CliRunner
 
 from mgaudit.commands.calibrate import _tau
@@ -22,7 +24,9 @@ from mgaudit.calibrate import (
 )
 from mgaudit.errors import GateError, TraceError, UsageError
 from mgaudit.formats.gate import load_gate
-from mgaudit.formats.traces import atomic_write_table, rows_to_table
+from mgaudit.formats.parquet import atomic_write_table
+from mgaudit.formats.traces import rows_to_table
+from mgaudit.scan import scan
 
 PROV = {"model": {"name": "tiny", "sha256": "x", "dtype": "bfloat16"}, "device": "cpu",
         "versions": {"torch": "0", "transformers": "0"}}
@@ -35,15 +39,17 @@ FREE_FLIP_MARGIN = 5.0
 
 
 def _row(prompt: int, bs: int, mode: str, step: int, margin: float, flip: bool, diff: float | None) -> dict:
+    prefix = mode != "free" or not flip
     return {
-        "prompt_id": f"p{prompt}", "prompt_index": prompt, "batch_size": bs, "mode": mode,
+        "prompt_id": f"p{prompt}", "prompt_index": prompt, "condition": "alone" if mode == "solo" else "padded",
+        "batch_size": bs, "round": 0, "mode": mode,
         "batch_index": prompt // bs, "row": prompt % bs, "pad_len": 0, "prompt_len": 7, "step": step,
         "solo_token": 11, "batched_token": 12 if flip else 11,
         "solo_runner_up": 12, "batched_runner_up": 11 if flip else 12,
         "solo_top1_logit": 10.0, "solo_top2_logit": 10.0 - margin,
         "batched_top1_logit": 10.0, "batched_top2_logit": 10.0 - margin,
-        "solo_margin": margin, "batched_margin": margin, "flip": flip, "prefix_match": mode != "free" or not flip,
-        "max_abs_logit_diff": diff,
+        "solo_margin": margin, "batched_margin": margin, "flip": flip, "prefix_match": prefix,
+        "first_divergence": flip and prefix, "max_abs_logit_diff": diff, "severity": None,
     }
 
 
@@ -408,3 +414,98 @@ def test_library_imports_no_torch_or_matplotlib() -> None:
     code = ("import sys, mgaudit.calibrate, mgaudit.plots; "
             "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- calibrate: duplicates, intervals
+
+
+def test_duplicate_trace_inputs_are_refused(tmp_path, prompts_file, tiny_model_dir, tiny_lm) -> None:
+    out = tmp_path / "t"
+    scan(scan_config(prompts_file, out, tiny_model_dir), loaded=tiny_lm)
+    assert_one_line_error(invoke(["calibrate", str(out), str(out), "--method", "bound"]), "twice")
+    assert_one_line_error(invoke(["calibrate", str(out), f"{tmp_path}/./t/", "--method", "bound"]), "twice")
+    one = sorted(out.glob("trace-b*.parquet"))[0]
+    assert_one_line_error(invoke(["calibrate", str(out), str(one), "--method", "bound"]), "twice")
+
+
+def test_wilson_intervals_and_rule_of_three() -> None:
+    from mgaudit.stats import interval95
+
+    lo, hi = interval95(5, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)  # Wilson score, z = 1.96
+    lo, hi = interval95(3, 640)
+    assert lo < 3 / 640 < hi and round(hi, 4) == 0.0137
+    assert interval95(0, 300) == [0.0, 0.01]  # rule of three
+    assert interval95(30, 30) == [0.9, 1.0]
+    assert interval95(0, 0) is None
+
+
+def test_few_flips_warn_in_output_and_gate(tmp_path) -> None:
+
+    fit = write_traces(tmp_path / "math", make_rows(FLIPS_FIT, seed=1))  # 5 flips
+    gate_path = tmp_path / "gate.json"
+    res = invoke(["calibrate", str(fit), "--out", str(gate_path)])
+    assert res.exit_code == 0
+    out = " ".join(res.stdout.split())
+    assert "warning: only 5 flips: recall 100% has a 95% interval of [40%, 100%]" in out
+    assert "95% interval [40.0, 100.0]" in out and "flip rate" in out
+    gate = json.loads(gate_path.read_text())
+    assert gate["warnings"] and "only 5 flips" in gate["warnings"][0]
+    assert gate["calibration"]["recall_ci95"] == [0.4, 1.0]
+    lo, hi = gate["calibration"]["flip_rate_ci95"]
+    assert lo < gate["calibration"]["flip_rate"] < hi
+    many = {4: [0.01 * i for i in range(1, 17)], 8: [0.01 * i for i in range(17, 33)]}  # 32 flips
+    rows = make_rows(many, seed=3, prompts=48)
+    res = invoke(["calibrate", str(write_traces(tmp_path / "many", rows)), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["warnings"] == []
+
+
+# --------------------------------------------------------------------------- float32 text
+
+
+def test_thresholds_print_as_shortest_float32_decimals(tmp_path) -> None:
+    from mgaudit.formats.gate import float32_text, float32_up
+
+    assert float32_text(0.3125000298023224) == "0.31250003"
+    assert float32_text(np.nextafter(np.float32(0.0625), np.float32(1))) == "0.06250001"
+    assert float32_text(1.4e-45) == "1e-45"
+    assert float32_text(0.5) == "0.5" and float32_text(0.0) == "0"
+    rng = np.random.default_rng(0)
+    for x in np.concatenate([rng.uniform(0, 4, 500), rng.exponential(1e-6, 100)]).astype(np.float32):
+        text = float32_text(x)
+        assert np.float32(float(text)) == x, (x, text)
+        assert len(text.replace("-", "")) <= len(repr(float(x)))
+    assert float32_up(0.1) >= 0.1 and np.float32(float32_up(0.1)) == float32_up(0.1)
+
+    fit = write_traces(tmp_path / "math", make_rows(FLIPS_FIT, seed=1))
+    gate = tmp_path / "gate.json"
+    res = invoke(["calibrate", str(fit), "--out", str(gate)])
+    raw = gate.read_text()
+    literal = re.search(r'"threshold": ([0-9.e-]+)', raw).group(1)
+    tau = json.loads(raw)["threshold"]
+    assert literal == float32_text(tau) and len(literal) <= 10
+    assert f"chosen tau = {literal}" in res.stdout
+    assert not re.search(r"\d\.\d{12,}", res.stdout)  # no float64 noise anywhere in the tables
+    from mgaudit.formats.gate import load_gate
+
+    assert load_gate(gate)["threshold"] == float(np.float32(tau))
+
+
+# --------------------------------------------------------------------------- gate.json paths
+
+
+def test_gate_stores_trace_paths_relative_to_itself(tmp_path, prompts_file, tiny_model_dir, tiny_lm) -> None:
+    from mgaudit.calibrate import CalibrateConfig, calibrate
+
+    traces = tmp_path / "work" / "traces"
+    scan(scan_config(prompts_file, traces, tiny_model_dir), loaded=tiny_lm)
+    gate_path = tmp_path / "ci" / "gate.json"
+    calibrate(CalibrateConfig(traces=[traces.resolve()], out=gate_path, method="bound",
+                              eval_traces=[traces.resolve()]))
+    gate = json.loads(gate_path.read_text())
+    assert gate["traces"][0]["path"] == "../work/traces"
+    assert (gate_path.parent / gate["traces"][0]["path"]).resolve() == traces.resolve()
+    assert len(gate["traces"][0]["sha256"]) == 64 and gate["traces"][0]["files"] == len(list(traces.glob("*.parquet")))
+    assert gate["transfer"][0]["traces"] == "../work/traces"
+    assert not Path(gate["provenance"]["config"]["out"]).is_absolute()
+    assert str(tmp_path) not in json.dumps({k: gate[k] for k in ("traces", "transfer")})

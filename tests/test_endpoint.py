@@ -41,7 +41,7 @@ def chat_file(tmp_path: Path) -> Path:
 
 
 def test_parse_llama_cpp_content_shape():
-    from mgaudit.endpoint.client import TokenMap, parse_choice
+    from mgaudit.endpoint.answers import TokenMap, parse_choice
 
     choice = {"logprobs": {"content": [
         {"id": 7042, "token": " Paris", "logprob": -0.25,
@@ -55,7 +55,7 @@ def test_parse_llama_cpp_content_shape():
 
 
 def test_parse_legacy_shape_without_ids_maps_strings():
-    from mgaudit.endpoint.client import LABEL_BASE, TokenMap, parse_choice
+    from mgaudit.endpoint.answers import LABEL_BASE, TokenMap, parse_choice
 
     tm = TokenMap(None)
     choice = {"logprobs": {"tokens": ["a", "b"], "token_logprobs": [-0.1, -0.2],
@@ -68,7 +68,7 @@ def test_parse_legacy_shape_without_ids_maps_strings():
 
 
 def test_no_logprobs_names_the_field():
-    from mgaudit.endpoint.client import NoLogprobsError, TokenMap, parse_choice
+    from mgaudit.endpoint.answers import NoLogprobsError, TokenMap, parse_choice
 
     with pytest.raises(NoLogprobsError, match=r"choices\[0\]\.logprobs"):
         parse_choice({"text": "hi", "logprobs": None}, False, TokenMap(None), None)
@@ -136,7 +136,7 @@ def test_scan_calibrate_verify_fake(fake, chat_file: Path, tmp_path: Path):
     solo = table.filter(pc.equal(table["mode"], "solo"))
     assert solo.num_rows == 8 * 8
     # every even-hash prompt parts from solo at FLIP_STEP under load
-    by = {e["batch_size"]: e for e in summary["by_batch_size"]}
+    by = {e["batch_size"]: e for e in summary["by_condition"] if e["condition"] == "in-flight"}
     for b in (4, 8):
         assert by[b]["free"]["sequences_diverged"] >= 1
         assert by[b]["sync"]["flips"] == by[b]["free"]["sequences_diverged"]
@@ -155,11 +155,23 @@ def test_scan_calibrate_verify_fake(fake, chat_file: Path, tmp_path: Path):
     result = invoke(["verify", str(chat_file), "--endpoint", fake.url, "-b", "4", "--max-new-tokens", "8",
                      "--report", str(report), "-q"])
     assert result.exit_code == 1, (result.output, stderr_of(result))
-    assert "FAIL" in result.output and "sequences under load differ from solo" in result.output
+    assert "FAIL" in result.output and "sequences differ from solo" in result.output
     rep = json.loads(report.read_text())
     bad = [r for r in rep["sequences"] if not r["identical"]]
     assert bad and all(r["first_divergence"] == FLIP_STEP for r in bad)
-    assert all(abs(r["solo_margin"] - 0.05) < 1e-6 and abs(r["loaded_margin"] - 0.02) < 1e-6 for r in bad)
+    assert all(abs(r["divergence"]["reference_margin"] - 0.05) < 1e-6
+               and abs(r["divergence"]["candidate_margin"] - 0.02) < 1e-6 for r in bad)
+    # chat messages, no tokenizer: nothing past a divergence can be scored, and the report says why
+    tf = rep["summary"]["teacher_forced"]
+    assert tf["available"] is False and tf["route"] == "none" and "token ids" in tf["reason"]
+    assert tf["flips"] == len(bad)  # each first divergence, scored up to there
+    # with the gate calibrated above, the near-tie departures (reference margin 0.05) are within noise
+    result = invoke(["verify", str(chat_file), "--endpoint", fake.url, "-b", "4", "--max-new-tokens", "8",
+                     "--gate", str(gate), "-q", "--json"])
+    assert result.exit_code == 1
+    rep = json.loads(result.stdout)
+    assert rep["summary"]["severity"]["counts"]["within_noise"] == len(bad)
+    assert rep["summary"]["severity"]["tau_source"]["path"] == str(gate)
     # one request at a time: nothing else in flight, identical
     result = invoke(["verify", str(chat_file), "--endpoint", fake.url, "-b", "1", "--max-new-tokens", "8", "-q"])
     assert result.exit_code == 0, (result.output, stderr_of(result))
@@ -172,7 +184,7 @@ def test_legacy_logprobs_without_ids(fake, chat_file: Path, tmp_path: Path):
     assert result.exit_code == 0, stderr_of(result)
     summary = json.loads(result.stdout)
     assert summary["endpoint"]["token_ids"]["method"].startswith("labels")
-    assert summary["by_batch_size"][0]["free"]["sequences_diverged"] >= 1
+    assert summary["by_condition"][0]["free"]["sequences_diverged"] >= 1
 
 
 def test_short_answers_are_recorded(fake, chat_file: Path, tmp_path: Path):
@@ -181,8 +193,7 @@ def test_short_answers_are_recorded(fake, chat_file: Path, tmp_path: Path):
                      str(tmp_path / "t"), "--max-new-tokens", "6", "-q", "--json"])
     assert result.exit_code == 0, stderr_of(result)
     summary = json.loads(result.stdout)
-    load = [u for u in summary["endpoint"]["units"] if u["kind"] == "load"][0]
-    assert load["short_sequences"] == 8
+    assert summary["by_condition"][0]["free"]["shorter_than_reference"] == 8
     seqs = [s for s in summary["sequences"] if s["batch_size"] == 4]
     assert all(s["batched_len"] == 2 and s["solo_len"] == 6 for s in seqs)
 
@@ -251,8 +262,10 @@ def test_llama_server_scan_calibrate_verify(llama_server, tmp_path: Path):
     assert len(margins) == 6 * 24 and all(math.isfinite(m) and m >= 0 for m in margins)
     assert summary["endpoint"]["logprob_precision"]["float32_exact"] is True
     assert summary["endpoint"]["token_ids"] == "from the server"
-    assert summary["endpoint"]["prefix_cache"]["warm_cached_tokens_median"] > 0
-    assert {e["batch_size"] for e in summary["by_batch_size"]} == {4, 8}
+    warm = [r for r in summary["runs"] if r["condition"] == "warm-cache"][0]
+    assert warm["cached_tokens_median"] > 0
+    assert {(e["condition"], e["batch_size"]) for e in summary["by_condition"]} == \
+        {("in-flight", 4), ("in-flight", 8), ("warm-cache", 1)}
 
     gate = tmp_path / "gate.json"
     result = invoke(["calibrate", str(out), "--out", str(gate)])
@@ -274,7 +287,8 @@ def test_llama_server_scan_calibrate_verify(llama_server, tmp_path: Path):
     assert result.exit_code == (0 if rep["summary"]["all_identical"] else 1)
     for r in rep["sequences"]:
         if not r["identical"]:
-            assert r["first_divergence"] is not None and "solo_margin" in r and "loaded_margin" in r
+            assert r["first_divergence"] is not None and "reference_margin" in r["divergence"]
+            assert "candidate_margin" in r["divergence"]
 
 
 @pytest.mark.slow

@@ -73,7 +73,8 @@ def test_verify_report_round_trips_and_reads_like_its_json(tmp_path: Path) -> No
     from mgaudit.errors import InputError
     from mgaudit.formats.report import REPORT_FORMAT, VerifyReport
 
-    rep = VerifyReport(policy={"name": "gate"}, summary={"identical": 2, "sequences": 2}, sequences=[{"id": "a"}])
+    rep = VerifyReport(candidate={"policy": {"name": "gate"}}, reference={"backend": "local"},
+                       summary={"identical": 2, "sequences": 2}, sequences=[{"id": "a"}])
     assert rep["summary"]["identical"] == 2 and dict(rep)["format"] == REPORT_FORMAT
     rep.write(tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text()) == rep.to_dict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -11,11 +12,14 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from cli_helpers import assert_one_line_error as _assert_one_line_error
+from cli_helpers import README, scan_config
 from cli_helpers import invoke as _invoke
 from cli_helpers import stderr_of as _stderr
+import torch
 from typer.testing import CliRunner
 
 import mgaudit
+import mgaudit.decoding.step as step_mod
 from mgaudit.errors import MgauditError, ModelError, OutputError, PromptError, UsageError
 from mgaudit.scan import ScanConfig, batch_groups, parse_batch_sizes, scan
 from mgaudit.formats.traces import PROVENANCE_KEY
@@ -160,10 +164,10 @@ def test_provenance_in_schema_metadata(scanned, tiny_model_dir) -> None:
 def test_summary_json(scanned) -> None:
     _, out, result = scanned
     summary = json.loads((out / "_summary.json").read_text())
-    sizes = [e["batch_size"] for e in summary["by_batch_size"]]
+    sizes = [e["batch_size"] for e in summary["by_condition"]]
     assert sizes == [2, 4]
     df = pd.read_parquet(out)
-    for e in summary["by_batch_size"]:
+    for e in summary["by_condition"]:
         sync = df[(df["mode"] == "sync") & (df["batch_size"] == e["batch_size"])]
         assert e["sync"]["steps"] == len(sync)
         assert e["sync"]["flips"] == int(sync["flip"].sum())
@@ -171,7 +175,7 @@ def test_summary_json(scanned) -> None:
     assert summary["solo"]["sequences"] == N_PROMPTS
     assert summary["rows"] == len(df)
     assert (out / "_scan.json").exists()
-    assert result.summary["by_batch_size"] == summary["by_batch_size"]
+    assert result.summary["by_condition"] == summary["by_condition"]
 
 
 def test_one_mode_only(tmp_path, prompts_file, tiny_model_dir, tiny_lm) -> None:
@@ -324,10 +328,10 @@ def test_interrupted_scan_leaves_complete_files_and_resumes(tmp_path, prompts_fi
 
 def test_interrupt_during_write_leaves_no_temp_file(tmp_path, prompts_file, tiny_model_dir, tiny_lm,
                                                     monkeypatch) -> None:
-    from mgaudit.formats import traces
+    from mgaudit.formats import files
 
     out = tmp_path / "t"
-    real = traces.os.replace
+    real = files.os.replace
     calls = {"n": 0}
 
     def replace(src, dst):
@@ -337,7 +341,7 @@ def test_interrupt_during_write_leaves_no_temp_file(tmp_path, prompts_file, tiny
                 raise KeyboardInterrupt
         return real(src, dst)
 
-    monkeypatch.setattr(traces.os, "replace", replace)
+    monkeypatch.setattr(files.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         scan(_config(prompts_file, out, tiny_model_dir, batch_sizes=[2]), loaded=tiny_lm)
     monkeypatch.undo()
@@ -383,7 +387,7 @@ def test_cli_scan_json(tmp_path, prompts_file, tiny_model_dir) -> None:
     assert result.exit_code == 0, (result.output, _stderr(result), result.exception)
     stdout = result.stdout
     summary = json.loads(stdout)
-    assert [e["batch_size"] for e in summary["by_batch_size"]] == [2]
+    assert [e["batch_size"] for e in summary["by_condition"]] == [2]
     assert summary["solo"]["sequences"] == N_PROMPTS
     assert summary["provenance"]["model"]["name"] == tiny_model_dir.name
     df = pd.read_parquet(out)
@@ -395,7 +399,7 @@ def test_cli_scan_table(tmp_path, prompts_file, tiny_model_dir) -> None:
     result = _invoke(["scan", str(prompts_file), "--out", str(out), "--model", str(tiny_model_dir),
                       "--batch-sizes", "2", "--max-new-tokens", "2", "--limit", "4", "--device", "cpu"])
     assert result.exit_code == 0, (result.output, _stderr(result), result.exception)
-    assert "scan: tiny_prompts on tiny-llama" in result.stdout and "solo reference: 4 sequences" in result.stdout
+    assert "scan: tiny_prompts on tiny-llama" in result.stdout and "reference: 4 sequences" in result.stdout
 
 
 def _bad_model(tmp: Path, prompts: Path, model: Path) -> tuple[list[str], tuple[str, ...]]:
@@ -486,3 +490,78 @@ def test_resume_with_other_modes_is_refused_or_completes(tmp_path, prompts_file,
     df = pd.read_parquet(out)
     # Accepted: then every prompt must have rows in both modes.
     assert df[df["mode"] == "free"]["prompt_id"].nunique() == 4
+
+
+# --------------------------------------------------------------------------- resume with other batch sizes
+
+
+def test_resume_with_new_batch_sizes_records_the_union(tmp_path, prompts_file, tiny_model_dir, tiny_lm) -> None:
+    out = tmp_path / "t"
+    scan(scan_config(prompts_file, out, tiny_model_dir, batch_sizes=[2]), loaded=tiny_lm)
+    logs: list[str] = []
+    res = scan(scan_config(prompts_file, out, tiny_model_dir, batch_sizes=[3], resume=True), loaded=tiny_lm,
+               log=logs.append)
+    manifest = json.loads((out / "_scan.json").read_text())
+    assert manifest["batch_sizes"] == [2, 3]
+    assert [e["batch_size"] for e in res.summary["by_condition"]] == [2, 3]
+    assert sorted(set(pd.read_parquet(out)["batch_size"])) == [1, 2, 3]
+    assert any("now covers 2, 3" in m for m in logs)
+    with pytest.raises(OutputError) as ei:
+        scan(scan_config(prompts_file, out, tiny_model_dir, max_new_tokens=5, resume=True), loaded=tiny_lm)
+    assert "max_new_tokens was 3, now 5" in ei.value.message
+    # --resume on a folder that does not exist yet simply starts the scan
+    fresh = tmp_path / "fresh"
+    assert scan(scan_config(prompts_file, fresh, tiny_model_dir, resume=True), loaded=tiny_lm).files_skipped == 0
+
+
+# --------------------------------------------------------------------------- free-mode flips
+
+
+def _force_batched_flip(monkeypatch, at_call: int = 2) -> None:
+    """At every ``at_call``-th batched decode step of a padded batch, row 0's runner-up wins."""
+    real = step_mod.forward_last
+    state = {"n": 0}
+
+    def wrapper(model, input_ids, attention_mask, position_ids, cache):
+        logits = real(model, input_ids, attention_mask, position_ids, cache)
+        if input_ids.shape[0] > 1 and input_ids.shape[1] == 1:
+            state["n"] += 1
+            if state["n"] % 6 == at_call:
+                logits = logits.float()
+                top = torch.topk(logits[0], 2)
+                logits[0, top.indices[1]] = top.values[0] + 0.5
+        return logits
+
+    monkeypatch.setattr(step_mod, "forward_last", wrapper)
+
+
+def test_first_divergence_marks_one_step_per_parted_sequence(tmp_path, prompts_file, tiny_model_dir, tiny_lm,
+                                                                monkeypatch) -> None:
+    import duckdb
+
+    out = tmp_path / "t"
+    _force_batched_flip(monkeypatch)
+    res = scan(scan_config(prompts_file, out, tiny_model_dir, max_new_tokens=8, limit=6), loaded=tiny_lm)
+    df = pd.read_parquet(out)
+    sync, free = df[df["mode"] == "sync"], df[df["mode"] == "free"]
+    assert (sync["first_divergence"] == sync["flip"]).all()
+    assert not df[df["mode"] == "solo"]["first_divergence"].any()
+    parted = 0
+    for _, g in free.groupby(["prompt_id", "batch_size"]):
+        g = g.sort_values("step")
+        firsts = g[g["first_divergence"]]
+        if g["flip"].any():
+            parted += 1
+            assert len(firsts) == 1 and firsts["step"].iloc[0] == g[g["flip"]]["step"].min()
+        else:
+            assert firsts.empty
+    assert parted >= 1 and free["flip"].sum() > free["first_divergence"].sum()  # flip overcounts, this does not
+    # the README's DuckDB queries give the summary's figures
+    block = README[README.index("per-step flip rate"):]
+    queries = re.findall(r"```sql\n(.*?)```", block, re.S)[:2]
+    assert len(queries) == 2
+    rate = dict(duckdb.sql(queries[0].replace("DIR", str(out))).fetchall())
+    diverged = dict(duckdb.sql(queries[1].replace("DIR", str(out))).fetchall())
+    for e in res.summary["by_condition"]:
+        assert rate[e["batch_size"]] == pytest.approx(e["sync"]["flip_rate"])
+        assert diverged[e["batch_size"]] == e["free"]["sequences_diverged"]

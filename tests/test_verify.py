@@ -15,6 +15,7 @@ import pytest
 from cli_helpers import assert_one_line_error as _assert_one_line_error
 from cli_helpers import invoke as _invoke
 from cli_helpers import stderr_of as _stderr
+from cli_helpers import assert_one_line_error, invoke, stderr_of, verify_args
 
 from perturb import flip_logits_at
 from mgaudit.errors import GateError, UsageError
@@ -23,11 +24,12 @@ from mgaudit.verify import VerifyConfig, verify
 
 LIMIT = 6
 MAX_NEW = 8
-TOP_KEYS = {"format", "version", "policy", "summary", "sequences", "provenance"}
-SUMMARY_KEYS = {"sequences", "identical", "all_identical", "trigger_rate", "repairs", "solo_seconds",
-                "policy_seconds", "speedup_vs_solo"}
-RECORD_KEYS = {"prompt_id", "identical", "first_divergence", "triggers", "repairs"}
-DIVERGENCE_KEYS = {"solo_token", "policy_token", "solo_margin", "policy_margin", "verified_at_divergence"}
+TOP_KEYS = {"format", "version", "candidate", "reference", "summary", "sequences", "differences", "provenance"}
+SUMMARY_KEYS = {"sequences", "identical", "all_identical", "trigger_rate", "repairs", "reference_seconds",
+                "candidate_seconds", "severity", "teacher_forced"}
+RECORD_KEYS = {"prompt_id", "identical", "first_divergence", "triggers", "repairs", "reference_tokens",
+               "candidate_tokens"}
+DIVERGENCE_KEYS = {"reference_token", "candidate_token", "reference_margin", "candidate_margin", "verified"}
 IDS = [f"tiny-{i:02d}" for i in range(LIMIT)]
 
 
@@ -57,16 +59,20 @@ def _check_schema(report: dict, batch_size: int = 4) -> None:
     assert 0 <= s["identical"] <= s["sequences"]
     assert s["all_identical"] == (s["identical"] == s["sequences"])
     assert 0.0 <= s["trigger_rate"] <= 1.0
-    assert s["solo_seconds"] > 0 and s["policy_seconds"] > 0
-    assert s["speedup_vs_solo"] == pytest.approx(s["solo_seconds"] / s["policy_seconds"])
+    assert s["candidate_seconds"] > 0
+    if report["reference"]["decoded"]:  # else every reference run came from the cache
+        assert s["reference_seconds"] > 0
+        assert s["speedup_vs_reference"] == pytest.approx(s["reference_seconds"] / s["candidate_seconds"])
+    else:
+        assert s["reference_seconds"] is None and report["reference"]["cache"]["hits"] == LIMIT
     assert [r["prompt_id"] for r in report["sequences"]] == IDS
     for r in report["sequences"]:
         assert RECORD_KEYS <= set(r)
         assert 0 <= r["repairs"] <= r["triggers"] <= max(r["steps"] - 1, 0)
         if r["identical"]:
-            assert r["first_divergence"] is None
+            assert r["first_divergence"] is None and r["reference_tokens"] == r["candidate_tokens"]
         else:
-            assert DIVERGENCE_KEYS <= set(r) and isinstance(r["first_divergence"], int)
+            assert DIVERGENCE_KEYS <= set(r["divergence"]) and isinstance(r["first_divergence"], int)
     assert s["repairs"] == sum(r["repairs"] for r in report["sequences"])
     assert s["identical"] == sum(r["identical"] for r in report["sequences"])
     prov = report["provenance"]
@@ -100,10 +106,10 @@ def test_cli_json_schema(tmp_path, prompts_file, tiny_model_dir) -> None:
     s = report["summary"]
     assert s["all_identical"] is True and s["identical"] == LIMIT
     assert s["trigger_rate"] > 0  # tau = 0.5 triggers on the tiny model
-    pol = report["policy"]
-    assert pol["name"] == "gate" and pol["threshold"] == 0.5 and pol["batch_size"] == 4
-    assert pol["fast_path"] == "ragged"
-    assert pol["gate"]["path"] == str(gate) and pol["gate"]["threshold"] == 0.5
+    cand = report["candidate"]
+    assert cand["policy"]["name"] == "gate" and cand["threshold"] == 0.5 and cand["batch_size"] == 4
+    assert cand["policy"]["fast_path"] == "ragged"
+    assert s["severity"]["tau_source"]["path"] == str(gate) and s["severity"]["tau"] == 0.5
     assert report["provenance"]["model"]["name"] == tiny_model_dir.name
 
 
@@ -114,7 +120,7 @@ def test_cli_report_file_has_the_json_schema(tmp_path, prompts_file, tiny_model_
     assert "report written to" in _stderr(result)
     report = json.loads(out.read_text())
     _check_schema(report)
-    assert report["policy"]["name"] == "always" and report["policy"]["fast_path"] is None
+    assert report["candidate"]["policy"]["name"] == "always" and report["candidate"]["policy"]["fast_path"] is None
     # always: every step after the first is verified
     for r in report["sequences"]:
         assert r["triggers"] == r["steps"] - 1
@@ -124,8 +130,11 @@ def test_cli_report_file_has_the_json_schema(tmp_path, prompts_file, tiny_model_
     _ok(result, 0)
     printed, written = json.loads(result.stdout), json.loads(out2.read_text())
     assert set(printed) == set(written)
-    assert printed["sequences"] == written["sequences"] and printed["policy"] == written["policy"]
-    assert printed["summary"] == written["summary"]
+    assert printed["sequences"] == written["sequences"] and printed["candidate"] == written["candidate"]
+    timings = ("reference_seconds", "candidate_seconds", "candidate_tokens_per_second", "reference_tokens_per_second",
+               "speedup_vs_reference")
+    assert {k: v for k, v in printed["summary"].items() if k not in timings} == \
+        {k: v for k, v in written["summary"].items() if k not in timings}
 
 
 def test_library_verify(tmp_path, prompts_file, tiny_lm) -> None:
@@ -134,7 +143,7 @@ def test_library_verify(tmp_path, prompts_file, tiny_lm) -> None:
     report = verify(config, loaded=tiny_lm)
     _check_schema(report, batch_size=3)
     assert report["summary"]["all_identical"] and report["summary"]["triggers"] == 0
-    assert report["policy"]["threshold"] is None and report["policy"]["fast_path"] is None
+    assert report["candidate"]["threshold"] is None and report["candidate"]["policy"]["fast_path"] is None
 
 
 # --------------------------------------------------------------------------- exit 1
@@ -164,7 +173,7 @@ def test_cli_exit_1_when_a_sequence_differs(tmp_path, prompts_file, tiny_model_d
     assert "FAIL" in out and "PASS" not in out
     cells = _row_of(out, "tiny-00")
     assert cells[0] == "tiny-00" and cells[1] == "3"  # the prompt and its first divergent step
-    assert cells[-1] == "False"  # not verified there
+    assert cells[-1] == "-"  # no threshold: no severity
 
     report = json.loads(report_path.read_text())
     _check_schema(report)
@@ -172,12 +181,14 @@ def test_cli_exit_1_when_a_sequence_differs(tmp_path, prompts_file, tiny_model_d
     rec = report["sequences"][0]
     assert rec["prompt_id"] == "tiny-00" and rec["identical"] is False
     assert rec["first_divergence"] == 3
-    assert rec["solo_token"] == solo_tok and rec["policy_token"] == runner != solo_tok
-    assert rec["solo_margin"] > 0
-    assert rec["policy_margin"] == pytest.approx(0.01, abs=1e-3)
-    assert rec["verified_at_divergence"] is False
+    d = rec["divergence"]
+    assert d["reference_token"] == solo_tok and d["candidate_token"] == runner != solo_tok
+    assert d["reference_margin"] > 0
+    assert d["candidate_margin"] == pytest.approx(0.01, abs=1e-3)
+    assert d["verified"] is False and "severity" not in d  # no threshold given
     assert rec["repairs"] == 0
-    assert isinstance(rec["solo_text"], str) and isinstance(rec["policy_text"], str)
+    assert isinstance(d["reference_text"], str) and isinstance(d["candidate_text"], str)
+    assert rec["candidate_tokens"][3] == runner and rec["reference_tokens"][3] == solo_tok
 
 
 def test_cli_json_exit_1(prompts_file, tiny_model_dir, monkeypatch) -> None:
@@ -188,6 +199,18 @@ def test_cli_json_exit_1(prompts_file, tiny_model_dir, monkeypatch) -> None:
     assert report["summary"]["all_identical"] is False
     bad = [r for r in report["sequences"] if not r["identical"]]
     assert [r["prompt_id"] for r in bad] == ["tiny-00"] and bad[0]["first_divergence"] == 3
+
+
+@pytest.mark.parametrize("tau, code, severity", [("1000", 1, "within_noise"), ("0", 4, "anomalous")])
+def test_cli_severity_of_the_flip(prompts_file, tiny_model_dir, monkeypatch, tau, code, severity) -> None:
+    """The injected flip takes the reference's runner-up: within noise under a large tau, anomalous at tau 0."""
+    _flip_row0_at_step3(monkeypatch)
+    result = _invoke(_base(prompts_file, tiny_model_dir) + ["--policy", "invariant", "--threshold", tau, "--json"])
+    _ok(result, code)
+    report = json.loads(result.stdout)
+    d = report["sequences"][0]["divergence"]
+    assert d["severity"] == severity and d["candidate_token"] == d["reference_runner_up"]
+    assert report["summary"]["severity"]["first_divergences"][severity] == 1
 
 
 def test_cli_gate_repairs_the_flip_and_exits_0(prompts_file, tiny_model_dir, monkeypatch) -> None:
@@ -299,3 +322,56 @@ def test_cli_contract_and_audit_bad_input(prompts_file, tiny_model_dir, extra, n
     result = _invoke(_base(prompts_file, tiny_model_dir) + extra)
     assert result.exit_code == 2, result.output
     assert needle in _stderr(result)
+
+
+# --------------------------------------------------------------------------- gate stack mismatch
+
+
+def test_gate_from_another_stack_warns_or_is_refused(tmp_path, prompts_file, tiny_model_dir) -> None:
+    gate = tmp_path / "gate.json"
+    gate.write_text(json.dumps({"format": "mgaudit.gate", "version": 1, "threshold": 0.5, "metric": "batched_margin",
+                                "provenance": {"model": {"name": "tiny-llama", "dtype": "float32", "device": "cuda:0",
+                                                         "attn_implementation": "eager"}}}))
+    report = tmp_path / "r.json"
+    res = invoke(verify_args(prompts_file, tiny_model_dir, "--gate", str(gate), "--report", str(report)))
+    assert res.exit_code == 0, stderr_of(res)
+    warn = [ln for ln in stderr_of(res).splitlines() if ln.startswith("warning:")]
+    assert len(warn) == 1
+    for needle in ("dtype float32 (gate) vs bfloat16", "device kind cuda (gate) vs cpu", "attention eager (gate) vs sdpa"):
+        assert needle in warn[0]
+    mism = json.loads(report.read_text())["candidate"]["gate_mismatches"]
+    assert mism == {"dtype": ["float32", "bfloat16"], "device kind": ["cuda", "cpu"], "attention": ["eager", "sdpa"]}
+    assert_one_line_error(invoke(verify_args(prompts_file, tiny_model_dir, "--gate", str(gate), "--strict")),
+                          "dtype float32", "another stack")
+    # a matching gate passes --strict
+    g = json.loads(gate.read_text())
+    g["provenance"]["model"] = {"dtype": "bfloat16", "device": "cpu", "attn_implementation": "sdpa"}
+    gate.write_text(json.dumps(g))
+    res = invoke(verify_args(prompts_file, tiny_model_dir, "--gate", str(gate), "--strict"))
+    assert res.exit_code == 0 and "warning" not in stderr_of(res)
+
+
+# --------------------------------------------------------------------------- verify report fields
+
+
+def test_report_names_the_policy_run_and_keeps_token_lists(tmp_path, prompts_file, tiny_model_dir,
+                                                              monkeypatch) -> None:
+    from perturb import flip_logits_at
+
+    flip_logits_at(monkeypatch, call=2)
+    report = tmp_path / "r.json"
+    res = invoke(verify_args(prompts_file, tiny_model_dir, "--policy", "none", "--report", str(report)))
+    assert res.exit_code == 1
+    data = json.loads(report.read_text())
+    text = json.dumps(data)
+    assert "gated_" not in text and "threshold_text" not in text and "loaded_" not in text
+    bad = [r for r in data["sequences"] if not r["identical"]]
+    assert bad
+    for r in data["sequences"]:
+        assert isinstance(r["reference_tokens"], list) and isinstance(r["candidate_tokens"], list)
+        assert len(r["candidate_tokens"]) == r["steps"] and len(r["reference_tokens"]) == r["reference_steps"]
+        assert (r["reference_tokens"] == r["candidate_tokens"]) == r["identical"]
+    r = bad[0]
+    k, d = r["first_divergence"], r["divergence"]
+    assert d["candidate_token"] == r["candidate_tokens"][k] != r["reference_tokens"][k] == d["reference_token"]
+    assert {"candidate_text", "candidate_margin", "candidate_context"} <= set(d)

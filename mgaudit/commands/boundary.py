@@ -56,24 +56,21 @@ def error_line(exc: MgauditError) -> str:
 
 #: How library messages name a parameter: its Python name between backquotes.
 _PARAM = re.compile(r"`([a-z][a-z0-9_]*)`")
-_flags: set[str] = set()
+#: Where the CLI's long options come from (set by the app that owns this boundary: ``use_flags``).
+_flag_source: dict[str, Any] = {"provider": None, "flags": None}
+
+
+def use_flags(provider: Callable[[], set[str]]) -> None:
+    """Name the CLI's long options: ``provider()`` returns them (called once, on the first error)."""
+    _flag_source.update(provider=provider, flags=None)
 
 
 def known_flags() -> set[str]:
-    """Every long option of every mgaudit command."""
-    if not _flags:
-        import click
-
-        from ..cli import app
-
-        def walk(cmd: click.Command) -> None:
-            for p in cmd.params:
-                _flags.update(o for o in p.opts if o.startswith("--"))
-            for sub in getattr(cmd, "commands", {}).values():
-                walk(sub)
-
-        walk(typer.main.get_command(app))
-    return _flags
+    """Every long option of the CLI (empty where no app named them)."""
+    if _flag_source["flags"] is None:
+        provider = _flag_source["provider"]
+        _flag_source["flags"] = set(provider()) if provider is not None else set()
+    return _flag_source["flags"]
 
 
 def as_flags(text: str) -> str:

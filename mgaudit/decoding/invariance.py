@@ -370,7 +370,7 @@ def _load_cached(fp: dict[str, Any], up_to: int) -> ProbeReport | None:
 
 
 def _store(rep: ProbeReport) -> None:
-    from ..formats.traces import atomic_write_json
+    from ..formats.files import atomic_write_json
 
     try:
         atomic_write_json(_cache_path(rep.fingerprint), rep.to_json())

@@ -41,7 +41,7 @@ from .ops import DEFAULT_ROWS, OpPoint, OpResult, OpsReport, ops_verdict, parse_
 from ..models import ModelOptions
 from ..errors import OutputError, PromptError, UsageError
 from ..formats.kv import KV_COLUMNS, KV_FILE, KV_PLOT, KV_SCHEMA, kv_writer  # noqa: F401
-from ..formats.traces import atomic_write_bytes
+from ..formats.files import atomic_write_bytes
 
 
 

@@ -1,13 +1,14 @@
-"""Audit a running OpenAI-compatible inference server (``--endpoint``), and build/run llama.cpp's server.
+"""What talks to inference servers: the HTTP client and llama.cpp's server.
 
-* :mod:`.client`: the HTTP client (httpx, bounded pool, timeouts, retries) and answer parsing;
-* :mod:`.audit`: solo vs under-load (and warm vs cold cache) scans into the trace schema, and verify;
-* :mod:`.llama_server`: build ``llama-server`` from the llama-cpp-python sdist into the cache; start/stop it.
+* :mod:`.client`: the HTTP client (httpx, bounded pool, timeouts, retries) and engine detection;
+* :mod:`.answers`: reading answers (token ids, top-2 logprobs, token strings mapped to ids);
+* :mod:`.llama_server`: build ``llama-server`` from the llama-cpp-python sdist into the cache;
+  start/stop it.
+
+Auditing a server is the audit core's job (:mod:`mgaudit.audit.remote` is the server backend).
 """
 
-from .audit import (EndpointScanConfig, EndpointScanResult, EndpointVerifyConfig, probe, scan_endpoint,
-                    verify_endpoint)
-from .client import EndpointClient, EndpointError, NoLogprobsError
+from .answers import EndpointError, NoLogprobsError
+from .client import EndpointClient
 
-__all__ = ["EndpointClient", "EndpointError", "EndpointScanConfig", "EndpointScanResult", "EndpointVerifyConfig",
-           "NoLogprobsError", "probe", "scan_endpoint", "verify_endpoint"]
+__all__ = ["EndpointClient", "EndpointError", "NoLogprobsError"]

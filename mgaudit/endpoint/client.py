@@ -3,7 +3,7 @@
 One :class:`EndpointClient` holds one ``httpx.AsyncClient`` with a bounded
 connection pool and timeouts. It
 
-* probes the server (:meth:`EndpointClient.probe`): is it reachable, which model
+* identifies the server (:meth:`EndpointClient.identify`): is it reachable, which model
   does it serve, and what identifies the engine (``/props`` of llama.cpp,
   ``/version`` of vLLM, ``/info`` of TGI, ``/get_server_info`` of SGLang, the
   ``Server`` and version headers);
@@ -12,16 +12,7 @@ connection pool and timeouts. It
   token id, the top-1/top-2 token ids and logprobs, the finish reason and the
   server's usage figures.
 
-The margin of a step is top-1 logprob minus top-2 logprob. Both logprobs share the
-softmax normaliser, so this is the logit margin.
-
-Two answer shapes are read: ``logprobs.content[i]`` with ``top_logprobs`` lists
-(llama.cpp, OpenAI chat, vLLM chat) and the legacy completions shape
-``logprobs.tokens / token_logprobs / top_logprobs`` (OpenAI, vLLM completions).
-Where a server gives token strings but no ids, a :class:`TokenMap` turns strings
-into ids (through a tokenizer when one is given) and the result says so.
-
-Errors are :class:`EndpointError` (an :class:`~mgaudit.errors.InputError`, exit
+Answers are read by :mod:`.answers`. Errors are :class:`EndpointError` (an :class:`~mgaudit.errors.InputError`, exit
 code 2). Messages never carry the API key.
 """
 
@@ -29,60 +20,24 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import InputError, UsageError
+from ..errors import UsageError
+from .answers import Completion, EndpointError, TokenMap, parse_choice, token_pieces
 
 #: Environment variables read for the API key, first match wins.
 API_KEY_ENV = ("MGAUDIT_API_KEY", "OPENAI_API_KEY")
 #: HTTP statuses worth another attempt.
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
-#: Token ids made up for strings no tokenizer maps start here.
-LABEL_BASE = 1 << 40
-
-
-class EndpointError(InputError):
-    """The server cannot be reached, refuses, or answers in a shape we cannot audit."""
-
-
-class NoLogprobsError(EndpointError):
-    """The server answered without logprobs: only a tokens-only audit is possible."""
-
-
-@dataclass
-class Completion:
-    """One greedy completion, step by step. ``top1``/``top2`` are logprobs (NaN where absent)."""
-
-    tokens: list[int]
-    top1: list[float]
-    top2: list[float]
-    runner_up: list[int]
-    text: str
-    finish_reason: str | None
-    seconds: float
-    attempts: int = 1
-    cached_tokens: int | None = None
-    prompt_tokens: int | None = None
-    started: float = 0.0  # perf_counter at send (for overlap accounting)
-    pieces: list[str] | None = None  # the server's text of each token, where it sends it
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def margins(self) -> list[float]:
-        return [a - b for a, b in zip(self.top1, self.top2)]
 
 
 @dataclass
 class ServerInfo:
-    """What the probe learned: the model to name in requests and the engine fingerprint."""
+    """What identifying the server told: the model to name in requests and the engine fingerprint."""
 
     base_url: str
     root_url: str
@@ -91,6 +46,8 @@ class ServerInfo:
     fingerprint: dict[str, Any]
     slots: int | None = None
     supports_cache_prompt: bool = False
+    vocab_size: int | None = None  # where the server says (llama.cpp's /v1/models meta.n_vocab)
+    context: int | None = None  # tokens per sequence it takes (vLLM's max_model_len, llama.cpp's n_ctx per slot)
 
 
 def normalize_base_url(url: str) -> tuple[str, str]:
@@ -125,175 +82,6 @@ def api_key_from_env() -> tuple[str | None, str | None]:
 def _short(text: str, n: int = 200) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[: n - 3] + "..."
-
-
-class TokenMap:
-    """Token strings -> ids for servers that return no ids.
-
-    With a tokenizer, a string maps to the id whose decoded text it is (the
-    lowest id where several decode alike; ``ambiguous`` counts those). Without
-    one, strings get ids in order of first appearance; such ids are labels that
-    are equal exactly when the strings are, which is all a comparison needs.
-    """
-
-    def __init__(self, tokenizer: Any | None = None):
-        self.tokenizer = tokenizer
-        self._table: dict[str, int] | None = None
-        self._interned: dict[str, int] = {}
-        self.ambiguous = 0
-        self.unknown = 0
-        self.used = False
-
-    def _build(self) -> dict[str, int]:
-        table: dict[str, int] = {}
-        tok = self.tokenizer
-        size = len(tok)
-        for i in range(size):
-            try:
-                s = tok.decode([i])
-            except Exception:  # a few special ids fail to decode in some tokenizers
-                continue
-            if s in table:
-                self.ambiguous += 1
-                continue
-            table[s] = i
-        return table
-
-    def id_of(self, token: str) -> int:
-        self.used = True
-        m = re.fullmatch(r"token_id:(\d+)", token)
-        if m:  # vLLM's return_tokens_as_token_ids
-            return int(m.group(1))
-        if self.tokenizer is not None:
-            if self._table is None:
-                self._table = self._build()
-            found = self._table.get(token)
-            if found is not None:
-                return found
-            self.unknown += 1
-        if token not in self._interned:
-            # far above any vocabulary: never a real id, never the -1 of an absent token
-            self._interned[token] = LABEL_BASE + len(self._interned)
-        return self._interned[token]
-
-    def describe(self) -> dict[str, Any] | None:
-        if not self.used:
-            return None
-        return {
-            "method": "tokenizer (decoded text of each id)" if self.tokenizer is not None
-            else "labels in order of first appearance (no tokenizer given)",
-            "ambiguous_vocab_strings": self.ambiguous if self.tokenizer is not None else None,
-            "unmapped_strings": self.unknown if self.tokenizer is not None else len(self._interned),
-        }
-
-
-# --------------------------------------------------------------------------- parsing
-
-
-def _fnum(x: Any) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return math.nan
-    return float(x)
-
-
-def _top_two(entries: list[tuple[int, float]], chosen: int) -> tuple[float, float, int]:
-    """(top1 logprob, top2 logprob, runner-up id) from (id, logprob) candidates."""
-    ranked = sorted(entries, key=lambda e: -e[1] if math.isfinite(e[1]) else math.inf)
-    t1 = ranked[0][1] if ranked else math.nan
-    t2 = ranked[1][1] if len(ranked) > 1 else math.nan
-    runner = next((i for i, _ in ranked if i != chosen), -1)
-    return t1, t2, runner
-
-
-def parse_choice(choice: dict[str, Any], tokens_only: bool, token_map: TokenMap,
-                 text_to_ids: Callable[[str], list[int]] | None) -> tuple[list[int], list[float], list[float], list[int]]:
-    """Steps of one answer choice: (token ids, top1, top2, runner-up ids)."""
-    lp = choice.get("logprobs")
-    if lp is None or lp == {}:
-        if not tokens_only:
-            raise NoLogprobsError("the server returned no logprobs (field choices[0].logprobs is missing or null)",
-                                  hint="audit tokens only, without margins, or enable logprobs on the server")
-        text = choice.get("text")
-        if text is None:
-            text = (choice.get("message") or {}).get("content") or ""
-        ids = text_to_ids(text) if text_to_ids else list(text.encode("utf-8"))
-        nan = [math.nan] * len(ids)
-        return ids, nan, list(nan), [-1] * len(ids)
-    if not isinstance(lp, dict):
-        raise EndpointError(f"choices[0].logprobs has an unknown shape ({type(lp).__name__})")
-    ids: list[int] = []
-    top1: list[float] = []
-    top2: list[float] = []
-    runner: list[int] = []
-    if isinstance(lp.get("content"), list):
-        for k, step in enumerate(lp["content"]):
-            if not isinstance(step, dict):
-                raise EndpointError(f"choices[0].logprobs.content[{k}] is not an object")
-            tid = step.get("id")
-            chosen = int(tid) if isinstance(tid, int) else token_map.id_of(str(step.get("token", "")))
-            cands = []
-            for c in step.get("top_logprobs") or []:
-                cid = c.get("id")
-                cid = int(cid) if isinstance(cid, int) else token_map.id_of(str(c.get("token", "")))
-                cands.append((cid, _fnum(c.get("logprob"))))
-            if not cands and not tokens_only:
-                raise NoLogprobsError(f"the server returned no top_logprobs (choices[0].logprobs.content[{k}]"
-                                      ".top_logprobs is empty)",
-                                      hint="audit tokens only, without margins, or enable top logprobs on the server")
-            t1, t2, ru = _top_two(cands, chosen)
-            ids.append(chosen)
-            top1.append(t1)
-            top2.append(t2)
-            runner.append(ru)
-    elif isinstance(lp.get("tokens"), list):
-        tops = lp.get("top_logprobs") or []
-        for k, tok in enumerate(lp["tokens"]):
-            chosen = token_map.id_of(str(tok))
-            cand_d = tops[k] if k < len(tops) and isinstance(tops[k], dict) else {}
-            if not cand_d and not tokens_only:
-                raise NoLogprobsError(f"the server returned no top_logprobs (choices[0].logprobs.top_logprobs[{k}])",
-                                      hint="audit tokens only, without margins, or enable top logprobs on the server")
-            cands = [(token_map.id_of(str(s)), _fnum(v)) for s, v in cand_d.items()]
-            t1, t2, ru = _top_two(cands, chosen)
-            ids.append(chosen)
-            top1.append(t1)
-            top2.append(t2)
-            runner.append(ru)
-    else:
-        raise NoLogprobsError("choices[0].logprobs holds neither content nor tokens",
-                              hint="audit tokens only, without margins")
-    if tokens_only:
-        top1 = [math.nan] * len(ids)
-        top2 = [math.nan] * len(ids)
-        runner = [-1] * len(ids)
-    return ids, top1, top2, runner
-
-
-def token_pieces(choice: dict[str, Any]) -> list[str] | None:
-    """The text of each generated token as the server sent it (None where it sent none)."""
-    lp = choice.get("logprobs")
-    if not isinstance(lp, dict):
-        return None
-    if isinstance(lp.get("content"), list):
-        return [str(step.get("token", "")) if isinstance(step, dict) else "" for step in lp["content"]]
-    if isinstance(lp.get("tokens"), list):
-        return [str(t) for t in lp["tokens"]]
-    return None
-
-
-def logprob_precision(values: list[float]) -> dict[str, Any]:
-    """How precise the logprobs the server sent are: float32-exact? decimals seen?"""
-    finite = [v for v in values if math.isfinite(v) and v != 0.0]
-    if not finite:
-        return {"values": 0}
-    import numpy as np
-
-    arr = np.asarray(finite, dtype=np.float64)
-    f32 = bool(np.all(arr.astype(np.float32).astype(np.float64) == arr))
-    decimals = max(len(repr(v).split(".")[1]) if "." in repr(v) and "e" not in repr(v) else 17 for v in finite[:2000])
-    return {"values": len(finite), "float32_exact": f32, "max_decimals": decimals,
-            "reading": "float32 (every value is a float32 number)" if f32 else
-            (f"rounded to {decimals} decimals" if decimals < 9 else "float64")}
 
 
 # --------------------------------------------------------------------------- the client
@@ -366,7 +154,7 @@ class EndpointClient:
             body = None
         return r.status_code, body, dict(r.headers)
 
-    async def probe(self) -> ServerInfo:
+    async def identify(self) -> ServerInfo:
         """Is the server there; which model; what engine. Raises EndpointError within a few seconds."""
         import httpx
 
@@ -395,7 +183,12 @@ class EndpointClient:
             raise EndpointError(f"GET {url} did not return JSON",
                                 hint="give the base URL of an OpenAI-compatible server") from None
         data = models.get("data") if isinstance(models, dict) else None
-        model_ids = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+        entries = [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+        model_ids = [m.get("id") for m in entries]
+        first = entries[0] if entries else {}
+        meta = first.get("meta") if isinstance(first.get("meta"), dict) else {}
+        vocab = meta.get("n_vocab")
+        context = first.get("max_model_len")
         fp: dict[str, Any] = {
             "base_url": self.base_url,
             "models": _slim(models),
@@ -411,6 +204,7 @@ class EndpointClient:
             slots = props.get("total_slots")
             cache_prompt = True
             dgs = props.get("default_generation_settings") or {}
+            context = dgs.get("n_ctx") or context
             fp["props"] = {
                 "build_info": props.get("build_info"),
                 "total_slots": slots,
@@ -433,7 +227,32 @@ class EndpointClient:
                             engine = "unknown"
         fp["engine"] = engine
         return ServerInfo(self.base_url, self.root_url, model_ids[0] if model_ids else None, engine, fp,
-                          slots if isinstance(slots, int) else None, cache_prompt)
+                          slots if isinstance(slots, int) else None, cache_prompt,
+                          vocab if isinstance(vocab, int) else None, context if isinstance(context, int) else None)
+
+    async def tokenize(self, text: str) -> list[int] | None:
+        """The server's token ids of ``text`` without special tokens (llama.cpp's and vLLM's
+        ``/tokenize``); None where the server has no such route."""
+        import httpx
+
+        for body in ({"content": text, "add_special": False}, {"prompt": text, "add_special_tokens": False}):
+            try:
+                r = await self._client.post(f"{self.root_url}/tokenize", json=body, timeout=httpx.Timeout(10.0))
+            except httpx.HTTPError:
+                return None
+            if r.status_code == 404:
+                return None
+            if r.status_code != 200:
+                continue
+            try:
+                tokens = r.json().get("tokens")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(tokens, list) and all(isinstance(t, int) for t in tokens):
+                return tokens
+            if isinstance(tokens, list) and all(isinstance(t, dict) and isinstance(t.get("id"), int) for t in tokens):
+                return [t["id"] for t in tokens]
+        return None
 
     # ----------------------------------------------------------------- completions
 

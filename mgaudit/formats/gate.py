@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import GateError, json_error_text
-from .traces import atomic_write_json
+from .files import atomic_write_json
 
 GATE_FORMAT = "mgaudit.gate"
 GATE_VERSION = 1

@@ -1,0 +1,123 @@
+"""The local model as a backend: solo runs, generate-style padded batches and decode policies.
+
+* ``alone``: the reference of the contract: stock solo decoding (``generate`` at batch
+  size 1) for ``solo``, the prompt alone through the batch-invariant kernels for
+  ``batch-invariant``;
+* ``padded``: a left-padded batch as ``generate`` runs it (:mod:`mgaudit.decoding.stock`);
+  against a reference that kept its logits, each step records the largest logit difference;
+* ``policy``: :func:`mgaudit.decoding.policies.decode` under a policy; the decode's plan,
+  probe evidence and drift events are kept for the report (:attr:`LocalBackend.last_output`).
+
+Teacher forcing (``forced``) feeds each row the reference's tokens; it is always available.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any, Sequence
+
+from .backend import VOCAB_TEST, Backend, Done
+from .conditions import LOCAL_KINDS, Condition
+from .steps import Request, Settings, Steps
+
+
+class LocalBackend(Backend):
+    kind = "local"
+    kinds = LOCAL_KINDS
+    cache_references = True  # solo decoding on one machine is deterministic (re-run: bit-identical)
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.tokenizer = lm.tokenizer
+        self.last_output = None  # the DecodeOutput of the last policy run
+
+    @property
+    def label(self) -> str:
+        return f"the local model {self.lm.name}"
+
+    def stack(self) -> dict[str, Any]:
+        return self.lm.provenance()
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        return {"name": self.lm.name, "source": self.lm.source}
+
+    def identity(self) -> dict[str, Any]:
+        import torch
+
+        prov = self.lm.provenance()
+        model = {k: v for k, v in prov["model"].items() if k != "device_name"}
+        return {"backend": "local", "model": model, "versions": prov["versions"], "threads": torch.get_num_threads(),
+                "machine": _machine()}
+
+    def vocabulary(self) -> dict[str, Any]:
+        return {"size": len(self.tokenizer),
+                "test_ids": list(self.tokenizer.encode(VOCAB_TEST, add_special_tokens=False))}
+
+    def context(self) -> int | None:
+        from ..models import model_context
+
+        return model_context(self.lm.model)
+
+    # ------------------------------------------------------------------ runs
+
+    def one(self, request: Request, settings: Settings, keep_logits: bool = False) -> Steps:
+        from ..decoding.policies import reference_decode
+        from ..decoding.stock import solo_decode
+
+        ids, eos = list(request.ids), self.lm.eos_token_ids
+        if settings.contract == "solo":
+            return Steps.of(solo_decode(self.lm.model, ids, settings.max_new_tokens, eos, keep_logits=keep_logits))
+        return Steps.of(reference_decode(self.lm.model, ids, settings.max_new_tokens, eos, contract=settings.contract,
+                                         keep_logits=keep_logits))
+
+    def grouped(self, requests: Sequence[Request], condition: Condition, settings: Settings,
+                references: Sequence[Steps] | None, on_done: Done | None) -> list[Steps]:
+        if condition.kind == "padded":
+            out = self._padded(requests, settings, references, forced=False)
+            if on_done:
+                on_done(len(requests))
+            return out
+        return self._policy(requests, condition, settings, on_done=on_done)
+
+    def forced(self, requests: Sequence[Request], condition: Condition, settings: Settings,
+               references: Sequence[Steps], free: Sequence[Steps]) -> list[Steps]:
+        self.check_condition(condition)
+        if condition.kind == "padded":
+            return self._padded(requests, settings, references, forced=True)
+        if condition.kind == "alone":
+            return [self._padded([r], settings, [ref], forced=True)[0] for r, ref in zip(requests, references)]
+        return self._policy(requests, condition, settings, forced=[ref.tokens for ref in references])
+
+    def scoring(self) -> dict[str, Any]:
+        return {"route": "teacher forcing", "requests_per_sequence": None}
+
+    def _padded(self, requests, settings: Settings, references, forced: bool) -> list[Steps]:
+        from ..decoding.stock import padded_decode
+
+        refs = references if references is not None and all(r.logits is not None for r in references) else None
+        runs = padded_decode(self.lm.model, [list(r.ids) for r in requests], settings.max_new_tokens,
+                             self.lm.eos_token_ids, self.lm.pad_token_id,
+                             forced=[ref.tokens for ref in references] if forced else None, reference=refs)
+        width = max(len(r.ids) for r in requests)
+        return [Steps.of(run, pad_len=width - len(r.ids)) for r, run in zip(requests, runs)]
+
+    def _policy(self, requests, condition: Condition, settings: Settings, forced=None,
+                on_done: Done | None = None) -> list[Steps]:
+        from ..decoding.policies import decode
+
+        kwargs = {"forced": forced} if forced is not None else {}
+        out = decode(self.lm.model, [list(r.ids) for r in requests], condition.policy, condition.level,
+                     settings.max_new_tokens, self.lm.eos_token_ids, self.lm.pad_token_id, on_batch=on_done,
+                     **kwargs)
+        if forced is None:
+            self.last_output = out
+        return [Steps.of(s, triggers=s.triggers, audits=s.audits, repairs=s.repairs, drift_events=len(s.drift),
+                         verified=list(s.verified)) for s in out.sequences]
+
+
+def _machine() -> dict[str, Any]:
+    try:
+        from ..machine import identity
+    except ImportError:  # pragma: no cover - until the machine module lands
+        return {"machine": platform.machine(), "processor": platform.processor()}
+    return identity()

@@ -1,0 +1,118 @@
+"""What the audit core passes around: the request a prompt becomes, the decoding settings, and
+the step record of one decoded sequence (:class:`Steps`), whatever backend produced it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..prompts import Prompt
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How every run of a job decodes: the same for the reference and the candidate."""
+
+    max_new_tokens: int
+    chat: bool = True
+    contract: str = "solo"  # local reference runs: stock solo kernels or the batch-invariant ones
+
+    def key(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens, "chat": self.chat, "contract": self.contract}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt as a backend receives it: token ids where mgaudit tokenized it (chat template
+    applied by mgaudit), or None where a server applies its own template to ``prompt``."""
+
+    prompt: Prompt
+    index: int  # position in the prompt set as given
+    ids: tuple[int, ...] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.prompt.id
+
+    @property
+    def prompt_len(self) -> int | None:
+        return None if self.ids is None else len(self.ids)
+
+    def digest(self, chat: bool) -> str:
+        """What the backend is sent, hashed (the reference cache's key part)."""
+        body: dict[str, Any] = {"ids": list(self.ids)} if self.ids is not None else \
+            {"messages": self.prompt.as_messages()} if chat else {"text": self.prompt.as_text()}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Steps:
+    """One decoded sequence, step by step: the token taken, the runner-up, and the top-1 and
+    top-2 logits (logprobs for a server; their difference is the margin either way; NaN where
+    the backend gave none). ``max_abs_diff``: per step, the largest |logit difference| from the
+    reference run (local runs against a reference with kept logits); ``logits``: per step, kept
+    only where a later comparison needs them; ``meta``: what the backend reported besides."""
+
+    tokens: list[int] = field(default_factory=list)
+    top1: list[float] = field(default_factory=list)
+    top2: list[float] = field(default_factory=list)
+    runner_up: list[int] = field(default_factory=list)
+    max_abs_diff: list[float | None] | None = None
+    logits: list[Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def margins(self) -> list[float]:
+        return [a - b for a, b in zip(self.top1, self.top2)]
+
+    def margin(self, t: int) -> float | None:
+        """The margin at step ``t`` (None past the end or where unknown)."""
+        if t >= len(self.tokens):
+            return None
+        m = self.top1[t] - self.top2[t]
+        return m if math.isfinite(m) else None
+
+    @classmethod
+    def of(cls, run: Any, **meta: Any) -> "Steps":
+        """A :class:`Steps` from any run object with ``tokens``, ``top1``, ``top2``, ``runner_up``
+        (and optionally ``max_abs_diff``, ``logits``)."""
+        if isinstance(run, Steps):
+            if meta:
+                run.meta.update(meta)
+            return run
+        return cls([int(t) for t in run.tokens], [float(x) for x in run.top1], [float(x) for x in run.top2],
+                   [int(t) for t in run.runner_up], getattr(run, "max_abs_diff", None),
+                   getattr(run, "logits", None), dict(meta))
+
+    def head(self, n: int) -> "Steps":
+        """The first ``n`` steps (no logits, no diffs)."""
+        return Steps(self.tokens[:n], self.top1[:n], self.top2[:n], self.runner_up[:n], meta=dict(self.meta))
+
+    def extend(self, other: "Steps", start: int, stop: int | None = None) -> None:
+        """Append ``other``'s steps ``start:stop``."""
+        sl = slice(start, stop)
+        self.tokens += other.tokens[sl]
+        self.top1 += other.top1[sl]
+        self.top2 += other.top2[sl]
+        self.runner_up += other.runner_up[sl]
+
+    def to_json(self) -> dict[str, Any]:
+        def num(x: float) -> float | None:
+            return x if math.isfinite(x) else None
+
+        return {"tokens": self.tokens, "top1": [num(x) for x in self.top1], "top2": [num(x) for x in self.top2],
+                "runner_up": self.runner_up, "meta": self.meta}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Steps":
+        def num(x: Any) -> float:
+            return math.nan if x is None else float(x)
+
+        return cls(list(data["tokens"]), [num(x) for x in data["top1"]], [num(x) for x in data["top2"]],
+                   list(data["runner_up"]), meta=dict(data.get("meta") or {}))
