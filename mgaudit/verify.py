@@ -63,24 +63,23 @@ class VerifyConfig(AuditOptions):
                                  hint="drop `policy`, or drop `endpoint`")
             if self.contract != "solo":
                 raise UsageError("`contract` applies to the local model's policies", hint="drop `contract`")
-        else:  # the policy's own checks, with tau standing in for the gate file's until it is read
+        else:  # the policy's own checks (tau standing in for the gate file's, which is read later) ...
             from .audit.severity import Threshold
 
-            self.decode_policy(Threshold(0.0) if self.gate is not None else self.threshold_given())
+            self.decode_policy(Threshold(0.0))
+            # ... and the gate policy's threshold
+            if (self.policy or "gate") == "gate" and self.gate is None and self.threshold is None:
+                raise UsageError("`policy` gate needs `gate` gate.json or `threshold` TAU",
+                                 hint="or choose `policy` none, always or invariant")
         if self.report is not None:
             check_output_file(Path(self.report), "verify report")
-
-    def threshold_given(self):
-        from .audit.severity import Threshold
-
-        return None if self.threshold is None else Threshold(self.threshold)
 
     def decode_policy(self, threshold):
         """The local candidate's policy (tau from the threshold, where one is given)."""
         from .decoding.policies import AUDIT_EVERY, DecodePolicy
 
         policy = DecodePolicy(self.policy or "gate", None if threshold is None else threshold.tau, self.fast_path,
-                              self.max_rows, self.contract, self.audit_every or AUDIT_EVERY)
+                              self.max_rows, self.contract, AUDIT_EVERY if self.audit_every is None else self.audit_every)
         policy.validate()
         return policy
 

@@ -27,7 +27,7 @@ def test_demo_runs_scan_calibrate_verify(tmp_path, prompts_file, tiny_model_dir)
     assert len(reports) == 1
     report = json.loads(reports[0].read_text())
     assert report["summary"]["all_identical"] is True
-    assert report["policy"]["name"] == "gate"
+    assert report["candidate"]["policy"]["name"] == "gate"
     assert "PASS" in res.output
 
 
