@@ -95,7 +95,7 @@ def main() -> None:
 
     from mgaudit.endpoint.audit import prepare, probe, with_cache
     from mgaudit.endpoint.llama_server import LlamaServer, build_llama_server, default_gguf
-    from mgaudit.models import cpu_model
+    from mgaudit.machine import describe
 
     srv = fake = None
     url = args.endpoint
@@ -129,7 +129,7 @@ def main() -> None:
                       f"mgaudit {rec[-1]:.2f} req/s ({rec_cpu[-1]:.2f} ms CPU/request)", flush=True)
         result = {
             "endpoint": url, "engine": info.engine, "build": (info.fingerprint.get("props") or {}).get("build_info"),
-            "slots": info.slots, "threads": srv.threads if srv else None, "cpu": cpu_model(),
+            "slots": info.slots, "threads": srv.threads if srv else None, "cpu": describe(),
             "concurrency": args.concurrency, "requests_per_round": args.requests, "max_tokens": args.max_tokens,
             "rounds": args.rounds, "bare_req_per_s": bare, "mgaudit_req_per_s": rec,
             "bare_median": statistics.median(bare), "mgaudit_median": statistics.median(rec),
