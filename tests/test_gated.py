@@ -464,10 +464,11 @@ def test_ragged_attention_outside_a_block_raises() -> None:
         (DecodePolicy("invariant", contract="sloppy"), "`contract` 'sloppy'"),
         (DecodePolicy("always", contract="batch-invariant"), "batch-invariant"),
         (DecodePolicy("gate", 0.5, audit_every=0), "`audit_every` 0"),
+        (DecodePolicy("gate", audit_every=0), "`audit_every` 0"),  # a bad value before a missing one
     ],
     ids=["unknown", "gate-no-threshold", "negative-threshold", "nan-threshold", "bad-fast-path",
          "bad-fast-path-invariant", "max-rows-0", "max-rows-negative", "bad-contract", "always-bi",
-         "audit-0"],
+         "audit-0", "audit-0-before-missing-threshold"],
 )
 def test_policy_validate_errors(policy, needle) -> None:
     with pytest.raises(UsageError) as exc:

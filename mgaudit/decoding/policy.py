@@ -43,13 +43,14 @@ class DecodePolicy:
         _one_of("contract", self.contract, CONTRACTS)
         if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
             raise UsageError(f"`batch_size` {batch_size} must be at least 1")
-        if self.name == "gate" and self.threshold is None:
-            raise UsageError("`policy` gate needs a `threshold`", hint="give a gate file or a threshold")
+        # values given but out of range first, then what is missing
         if self.threshold is not None and not self.threshold >= 0:
             raise UsageError(f"`threshold` {self.threshold} must be >= 0")
         for name, value in (("max_rows", self.max_rows), ("audit_every", self.audit_every)):
             if value is not None and value < 1:
                 raise UsageError(f"`{name}` {value} must be at least 1")
+        if self.name == "gate" and self.threshold is None:
+            raise UsageError("`policy` gate needs a `threshold`", hint="give a gate file or a threshold")
         if self.contract == "batch-invariant" and not self.ragged and self.name != "none":
             raise UsageError(f"`policy` {self.name} has no batch-invariant form",
                              hint="use invariant or gate (ragged fast path) under that `contract`")
