@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from typing import Any, Callable
@@ -19,13 +18,15 @@ def environment() -> dict[str, Any]:
     import transformers
 
     import mgaudit
+    from mgaudit.machine import describe, identity
 
     return {
         "mgaudit": mgaudit.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": describe(),
+        "machine": identity(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 

@@ -98,8 +98,8 @@ def main() -> None:
     from mgaudit.audit.remote import EndpointBackend
     from mgaudit.audit.steps import Settings
     from mgaudit.endpoint.llama_server import LlamaServer, build_llama_server, default_gguf
+    from mgaudit.machine import describe
     from mgaudit.prompts import load_prompts
-    from mgaudit.models import cpu_model
 
     srv = fake = None
     url = args.endpoint
@@ -136,7 +136,7 @@ def main() -> None:
                       f"mgaudit {rec[-1]:.2f} req/s ({rec_cpu[-1]:.2f} ms CPU/request)", flush=True)
         result = {
             "endpoint": url, "engine": info.engine, "build": (info.fingerprint.get("props") or {}).get("build_info"),
-            "slots": info.slots, "threads": srv.threads if srv else None, "cpu": cpu_model(),
+            "slots": info.slots, "threads": srv.threads if srv else None, "cpu": describe(),
             "concurrency": args.concurrency, "requests_per_round": args.requests, "max_tokens": args.max_tokens,
             "rounds": args.rounds, "bare_req_per_s": bare, "mgaudit_req_per_s": rec,
             "bare_median": statistics.median(bare), "mgaudit_median": statistics.median(rec),

@@ -52,19 +52,19 @@ def main(argv=None) -> int:
 
 
     from mgaudit.decoding.policies import DecodePolicy, decode, reference_decode
-    from mgaudit.decoding.invariance import cpu_identity, probe
+    from mgaudit.decoding.invariance import probe
     from mgaudit.models import load_model
     from mgaudit.prompts import encode_prompt, load_prompts
 
     lm = load_model(args.model, device=args.device)
-    env = environment() | cpu_identity()
+    env = environment()
     configs = [c for c in args.configs.split(",") if c]
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     rows = []
     t = time.perf_counter()
     rep = probe(lm.model, max(sizes))
     probe_s = time.perf_counter() - t
-    print(f"# {env['cpu']} (amx: {env['amx']}), torch {env['torch']}, {env['threads']} threads; "
+    print(f"# {env['cpu']}, torch {env['torch']}, {env['threads']} threads; "
           f"probe up to {rep.up_to} rows: {probe_s:.1f}s (cached: {rep.cached}); "
           f"plan-relevant limits: {rep.summary()['limited']}", file=sys.stderr)
     for set_name in args.sets.split(","):
@@ -125,9 +125,7 @@ def main(argv=None) -> int:
 
 def _markdown(result) -> None:
     env = result["environment"]
-    print(f"CPU: {env['cpu']} (AMX: {env['amx']}; bf16 flags: "
-          f"{', '.join(f for f in env['cpu_flags'] if 'bf16' in f) or 'none'}), torch {env['torch']}, "
-          f"{env['threads']} threads")
+    print(f"CPU: {env['cpu']}, torch {env['torch']}, {env['threads']} threads")
     print()
     print("| set | B | n | invariant = solo | gate = solo | bi = bi-solo | none = solo | invariant / none "
           "| gate / none | bi / none | gate vs solo | invariant vs solo | gate triggers | audits | drift |")

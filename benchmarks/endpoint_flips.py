@@ -35,7 +35,7 @@ def main() -> None:
 
     from mgaudit.scan import ScanConfig, scan
     from mgaudit.endpoint.llama_server import LlamaServer, build_llama_server, default_gguf
-    from mgaudit.models import cpu_model
+    from mgaudit.machine import describe
 
     build = build_llama_server(log=print)
     gguf = default_gguf()
@@ -63,7 +63,7 @@ def main() -> None:
                        "seconds": time.perf_counter() - t0}
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    meta = {"cpu": cpu_model(), "build": build.key, "threads": srv.threads, "limit": args.limit,
+    meta = {"cpu": describe(), "build": build.key, "threads": srv.threads, "limit": args.limit,
             "max_new_tokens": args.max_new_tokens, "seconds": time.perf_counter() - t_all}
     (args.out / "endpoint_flips.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     lines = ["| set | slots (= requests in flight) | compared steps | flips | per-step flip rate | sequences diverged "

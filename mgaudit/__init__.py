@@ -17,8 +17,8 @@ _EXPORTS = {
     "load_model": "mgaudit.models", "LoadedModel": "mgaudit.models", "ModelOptions": "mgaudit.models",
     "load_prompts": "mgaudit.prompts", "encode_prompt": "mgaudit.prompts", "PromptSet": "mgaudit.prompts",
     # decoding
-    "DecodePolicy": "mgaudit.decoding.policies", "DecodeOutput": "mgaudit.decoding.policies",
-    "SequenceResult": "mgaudit.decoding.policies", "DriftEvent": "mgaudit.decoding.policies",
+    "DecodePolicy": "mgaudit.decoding.policy", "DecodeOutput": "mgaudit.decoding.results",
+    "SequenceResult": "mgaudit.decoding.results", "DriftEvent": "mgaudit.decoding.results",
     "decode": "mgaudit.decoding.policies", "reference_decode": "mgaudit.decoding.policies",
     "solo_decode": "mgaudit.decoding.stock", "padded_decode": "mgaudit.decoding.stock", "RowTrace": "mgaudit.decoding.stock",
     "greedy": "mgaudit.decoding.loop", "Step": "mgaudit.decoding.loop",

@@ -63,13 +63,14 @@ app = typer.Typer(
 
 
 def version_text() -> str:
-    """mgaudit, torch and transformers versions, the device ``--device auto`` picks, and the CPU model."""
+    """mgaudit, torch and transformers versions, the device ``--device auto`` picks, and the machine
+    (:func:`mgaudit.machine.describe`: CPU, its ISA family, cores)."""
     import platform
 
     import torch
     import transformers
 
-    from .models import cpu_model
+    from .machine import describe
 
     device = "cpu"
     if torch.cuda.is_available():
@@ -80,7 +81,7 @@ def version_text() -> str:
         f"transformers {transformers.__version__}",
         f"python {platform.python_version()}",
         f"device {device}",
-        f"cpu {cpu_model()}",
+        f"cpu {describe()}",
     ])
 
 

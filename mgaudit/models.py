@@ -128,6 +128,7 @@ class LoadedModel:
         import transformers
 
         from . import __version__
+        from .machine import identity
 
         attn = getattr(self.model.config, "_attn_implementation", None)
         return {
@@ -142,6 +143,7 @@ class LoadedModel:
                 "architecture": type(self.model).__name__,
                 **self.extra,
             },
+            "machine": identity(),
             "versions": {
                 "mgaudit": __version__,
                 "torch": torch.__version__,
@@ -152,13 +154,11 @@ class LoadedModel:
 
 
 def device_name(device: str) -> str:
-    import platform
+    """The GPU's name for a CUDA device, else the CPU's model name (:mod:`mgaudit.machine`)."""
+    from .machine import cpu_identity, gpu_identity
 
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine()
+    gpu = gpu_identity(device) if device.startswith("cuda") else None
+    return gpu["gpu"] if gpu else cpu_identity()["cpu_model_name"]
 
 
 def model_context(model: Any) -> int | None:
@@ -169,29 +169,6 @@ def model_context(model: Any) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), its core count, and the ISA extensions
-    that decide which bf16 kernels run (AVX512-BF16, AMX)."""
-    import platform
-
-    name, flags = None, set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name is None:
-                    name = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-                if name and flags:
-                    break
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine() or "unknown"
-    isa = [label for flag, label in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16")) if flag in flags]
-    return f"{name}, {os.cpu_count()} cores" + (f", {' '.join(isa)}" if isa else "")
 
 
 # --------------------------------------------------------------------------- default model

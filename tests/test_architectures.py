@@ -9,7 +9,7 @@ where the capability table refuses a policy, ``decode`` must raise UsageError (e
 before any forward pass. Sliding windows are small (4-8) so every sequence passes its
 window; ``mistral-w4``'s prompts all exceed its window.
 
-The exact policies run through ``gated.decode_batch`` with ``max_rows=1`` (every linear
+The exact policies run through ``decode_batch`` with ``max_rows=1`` in the policy (every linear
 layer one row at a time): GEMM row-invariance is the probe's business
 (tests/test_gated.py); this matrix isolates what depends on the architecture
 (attention windows and masks, cache layer classes, softcapping, sinks, MoE routing).
@@ -161,9 +161,14 @@ def _fresh(policy: DecodePolicy) -> DecodePolicy:
     return DecodePolicy(policy.name, policy.threshold, policy.fast_path, policy.max_rows)
 
 
+def _one_row(policy: DecodePolicy) -> DecodePolicy:
+    """``policy`` with every linear layer of the ragged path one row at a time."""
+    return DecodePolicy(policy.name, policy.threshold, policy.fast_path, max_rows=1)
+
+
 def _run_exact(a: SimpleNamespace, policy: DecodePolicy):
     check_supported(a.model, policy.name)
-    return decode_batch(a.model, a.prompts, _fresh(policy), NEW, [], 0, max_rows=1, keep_logits=True)
+    return decode_batch(a.model, a.prompts, _one_row(policy), NEW, [], 0, keep_logits=True)
 
 
 def _assert_solo(a: SimpleNamespace, results, label: str) -> None:
@@ -310,7 +315,7 @@ def test_ragged_without_windows_is_not_solo(monkeypatch) -> None:
     """Control: ragged attention over the whole history (the old behaviour) differs from solo."""
     a = _arch("mistral-w4")
     monkeypatch.setattr(ragged, "_layer_window", lambda state, layer_idx, passed: None)
-    out = decode_batch(a.model, a.prompts, DecodePolicy("invariant"), NEW, [], 0, max_rows=1, keep_logits=True)
+    out = decode_batch(a.model, a.prompts, DecodePolicy("invariant", max_rows=1), NEW, [], 0, keep_logits=True)
     assert any(not torch.equal(r.logits[-1], s.logits[-1].float()) for r, s in zip(out, a.solos))
 
 
@@ -320,7 +325,7 @@ def test_window_off_by_one_is_not_solo(monkeypatch, shift) -> None:
     a = _arch("mistral-w4")
     real = ragged._layer_window
     monkeypatch.setattr(ragged, "_layer_window", lambda state, idx, passed: real(state, idx, passed) + shift)
-    out = decode_batch(a.model, a.prompts, DecodePolicy("invariant"), NEW, [], 0, max_rows=1, keep_logits=True)
+    out = decode_batch(a.model, a.prompts, DecodePolicy("invariant", max_rows=1), NEW, [], 0, keep_logits=True)
     assert any(not torch.equal(r.logits[-1], s.logits[-1].float()) for r, s in zip(out, a.solos))
 
 
@@ -337,7 +342,7 @@ def test_moe_blocks_run_one_row_at_a_time() -> None:
 
     handles = [b.gate.register_forward_pre_hook(tokens_routed) for b in blocks]
     try:
-        decode_batch(a.model, a.prompts, DecodePolicy("invariant"), 3, [], 0, max_rows=1)
+        decode_batch(a.model, a.prompts, DecodePolicy("invariant", max_rows=1), 3, [], 0)
     finally:
         for h in handles:
             h.remove()

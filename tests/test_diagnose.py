@@ -25,7 +25,8 @@ from mgaudit.formats.traces import PROVENANCE_KEY
 
 
 ROWS = (1, 2, 3, 4, 8, 32, 64, 65)
-OP_KINDS = {"linear", "linear-prefill", "norm", "rotary", "attention", "attention-mask", "attention-cache"}
+OP_KINDS = {"linear", "linear-prefill", "norm", "act", "rotary", "embedding", "add", "attention", "attention-mask",
+            "attention-cache"}
 
 SHORT = "how many apples"
 LONG = "write a short python function that returns the sum of a list of numbers and explain each step"
@@ -76,13 +77,13 @@ def test_parse_rows():
             parse_rows(bad)
 
 
-def test_probe_covers_every_op_and_is_identical_at_one_row(ops_report, tiny):
+def test_ops_view_covers_every_op_and_is_identical_at_one_row(ops_report, tiny):
     kinds = {o.kind for o in ops_report.ops}
     assert kinds == OP_KINDS
     # 5 distinct Linear shapes: 64->64 (q/o), 64->32 (k/v), 64->128 (gate/up), 128->64 (down), 64->256 (lm_head)
     linear = ops_report.by_kind("linear")
     assert len(linear) == 5 and len(ops_report.by_kind("linear-prefill")) == 5
-    assert any("lm_head" in o.name for o in linear)
+    assert any("lm_head" in o.detail for o in linear)
     for op in ops_report.ops:
         assert [p.rows for p in op.points] == list(ROWS), op.name
         one = op.points[0]
@@ -259,12 +260,11 @@ def test_diagnose_ops_agrees_with_the_powered_probe_on_the_default_model(real_lm
     rows = (1, 2, 4, 8, 16)
     rep = probe_ops(real_lm, row_counts=rows)
     powered = probe(real_lm.model, 16)
-    limits = {o.key: o.layouts[0].limit for o in powered.ops if o.kind == "linear"}
-    linear = rep.by_kind("linear")
-    assert len(linear) == len(limits) >= 5
-    for op in linear:
-        fin, fout = op.name.split()[1].split("->")
-        limit = limits[f"linear {fout}x{fin}"]
+    limits = {o.key: o.layouts[0].limit for o in powered.ops}
+    viewed = [o for o in rep.ops if o.name in limits]
+    assert {o.name for o in viewed} == set(limits) and len(rep.by_kind("linear")) >= 5
+    for op in viewed:  # the same ops, measured the same way: a view of the same probe
+        limit = limits[op.name]
         assert all(p.identical for p in op.points if p.rows <= limit), (op.name, limit)
         assert all(p.identical for p in op.points if p.rows == 1)
     assert rep.op("attention sdpa, no mask").invariant

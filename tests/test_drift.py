@@ -12,10 +12,10 @@ import torch
 
 from mgaudit.decoding.stock import solo_decode
 from mgaudit.decoding.policies import DecodePolicy, decode, reference_decode
-from mgaudit.decoding.invariance import (LayoutResult, OpResult, ProbeReport, decode_kernels, find_ops, plan_for,
-                                probe)
+from mgaudit.decoding.invariance import LayoutResult, OpResult, ProbeReport, probe
+from mgaudit.decoding.kernels import decode_kernels, find_ops, plan_for
 from mgaudit.prompts import encode_prompt, load_prompts
-from perturb import after_batched_forward
+from perturb import after_batched_forward, rowwise_linear
 
 N, MAX_NEW = 8, 14
 _LINEAR = torch.nn.functional.linear  # the real kernel, kept before any test patches it
@@ -107,7 +107,8 @@ def test_probe_is_cached_per_machine_and_threads(setup) -> None:
     assert not a.cached and b.cached
     assert b.summary()["ops"] == a.summary()["ops"]
     assert b.fingerprint["threads"] == torch.get_num_threads()
-    assert "cpu" in b.fingerprint or "gpu" in b.fingerprint
+    machine = b.fingerprint["machine"]
+    assert machine.get("isa") or machine.get("gpu")  # the kernels' family is part of the key
     assert probe(setup.model, 2).cached  # a smaller batch is covered by a larger probe
     old = torch.get_num_threads()
     try:
@@ -115,6 +116,29 @@ def test_probe_is_cached_per_machine_and_threads(setup) -> None:
         assert not probe(setup.model, 4).cached
     finally:
         torch.set_num_threads(old)
+
+
+def test_probe_cache_is_not_reused_under_no_probe_cache(setup, monkeypatch) -> None:
+    assert not probe(setup.model, 4).cached
+    assert probe(setup.model, 4).cached
+    monkeypatch.setenv("MGAUDIT_NO_PROBE_CACHE", "1")
+    fresh = probe(setup.model, 4)
+    assert not fresh.cached and fresh.summary()["ops"] == probe(setup.model, 4).summary()["ops"]
+
+
+def test_sharing_checks_run_when_the_batch_invariant_contract_is_first_asked_for(setup, monkeypatch) -> None:
+    import mgaudit.decoding.packed as packed
+
+    calls = []
+    real = packed.check_sharing
+    monkeypatch.setattr(packed, "check_sharing", lambda *a, **k: calls.append(1) or real(*a, **k))
+    solo = probe(setup.model, 4)
+    assert not solo.sharing_checked and solo.attention is None and solo.prefill is None and not calls
+    bi = probe(setup.model, 4, contract="batch-invariant")  # added to the cached report
+    assert bi.cached and bi.sharing_checked and bi.attention is not None and bi.prefill is not None
+    again = probe(setup.model, 4, contract="batch-invariant")
+    assert again.cached and again.sharing_checked and again.prefill == bi.prefill and len(calls) == 1
+    assert again.summary()["ops"] == solo.summary()["ops"]
 
 
 def _report(limits: dict[str, dict[str, int]]) -> ProbeReport:
@@ -210,10 +234,11 @@ def test_gate_finds_the_op_that_drifted_and_lowers_it(setup, monkeypatch) -> Non
 
 
 @pytest.mark.parametrize("batch_size", [2, 5, 8])
-def test_batch_invariant_contract_matches_its_own_reference(setup, batch_size) -> None:
-    if not probe(setup.model, batch_size).summary()["fixed_rows_ok"]:
-        pytest.skip("the probe found 16-row products that depend on the batch on this machine "
-                    "(the contract is refused there: test_batch_invariant_contract_is_refused_...)")
+def test_batch_invariant_contract_matches_its_own_reference(setup, monkeypatch, batch_size) -> None:
+    """The contract accepted: GEMMs whose rows do not depend on the batch (injected, so on any CPU;
+    the refused branch is test_batch_invariant_contract_is_refused_...)."""
+    rowwise_linear(monkeypatch)
+    assert probe(setup.model, batch_size, contract="batch-invariant").summary()["fixed_rows_ok"]
     refs = [reference_decode(setup.model, p, MAX_NEW, setup.eos, contract="batch-invariant", keep_logits=True)
             for p in setup.ids]
     for policy in (DecodePolicy("invariant", contract="batch-invariant"),
@@ -234,7 +259,7 @@ def test_solo_contract_reference_is_stock_solo(setup) -> None:
 def test_batch_invariant_contract_is_refused_where_the_probe_finds_fixed_rows_variant(setup) -> None:
     from mgaudit.errors import UsageError
 
-    rep = probe(setup.model, 4)
+    rep = probe(setup.model, 4, contract="batch-invariant")
     rep.ops[1].fixed_rows_ok = False  # as if that op's 16-row product depended on the other rows
     with pytest.raises(UsageError, match="not batch-invariant on this machine") as exc:
         decode(setup.model, setup.ids, DecodePolicy("invariant", contract="batch-invariant"), 4, MAX_NEW,
@@ -252,8 +277,9 @@ def _one_ulp(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_shared_attention_call_is_refused_when_a_row_differs_there(setup, monkeypatch) -> None:
+    rowwise_linear(monkeypatch)  # the contract's GEMMs row-invariant on any CPU: it is accepted
     import mgaudit.decoding.ragged as ragged
-    from mgaudit.decoding.invariance import probe_attention
+    from mgaudit.decoding.ragged import check_attention_sharing
 
     real = ragged.bucketed_sdpa
 
@@ -261,18 +287,17 @@ def test_shared_attention_call_is_refused_when_a_row_differs_there(setup, monkey
         out = real(query, key, value, mask, scale, groups)
         return _one_ulp(out) if query.shape[0] > 1 else out  # a shared call changes its first row
 
-    clean = probe(setup.model, 4)
+    clean = probe(setup.model, 4, contract="batch-invariant")
+    assert clean.summary()["fixed_rows_ok"]
     assert plan_for(clean, 4, contract="batch-invariant").attention_span == (clean.attention["span"]
                                                                             if clean.attention["ok"] else 0)
     refs = [reference_decode(setup.model, p, MAX_NEW, setup.eos, contract="batch-invariant", keep_logits=True)
             for p in setup.ids]
     monkeypatch.setattr(ragged, "bucketed_sdpa", shared_differs)
-    found = probe_attention(setup.model, 4, torch.Generator().manual_seed(0))
+    found = check_attention_sharing(setup.model, 4, torch.Generator().manual_seed(0))
     assert found["ok"] is False and found["first_failure"]["rows"] >= 2
     clean.attention = found
     assert plan_for(clean, 4, contract="batch-invariant").attention_span == 0
-    if not clean.summary()["fixed_rows_ok"]:
-        pytest.skip("the probe found 16-row products that depend on the batch here: the contract is refused")
     # rows then attend one call each, which the perturbation does not touch: still the reference
     out = decode(setup.model, setup.ids, DecodePolicy("invariant", contract="batch-invariant"), 4, MAX_NEW,
                  setup.eos, setup.pad, keep_logits=True, probe_report=clean)
@@ -282,14 +307,15 @@ def test_shared_attention_call_is_refused_when_a_row_differs_there(setup, monkey
 def test_shared_prefill_is_refused_when_packing_changes_a_prompt(setup, monkeypatch) -> None:
     import mgaudit.decoding.packed as packed
 
+    rowwise_linear(monkeypatch)  # the contract's GEMMs row-invariant on any CPU: it is accepted
     real = packed.packed_attention
 
     def packing_differs(module, query, key, value, attention_mask, **kwargs):
         out, w = real(module, query, key, value, attention_mask, **kwargs)
         return (_one_ulp(out) if len(packed._segments.get()) > 2 else out), w  # more than one prompt packed
 
-    clean = probe(setup.model, 4)
-    assert clean.prefill is not None and clean.prefill["compared"] >= 1
+    clean = probe(setup.model, 4, contract="batch-invariant")
+    assert clean.prefill["ok"] and clean.prefill["compared"] >= 1
     refs = [reference_decode(setup.model, p, MAX_NEW, setup.eos, contract="batch-invariant", keep_logits=True)
             for p in setup.ids]
     monkeypatch.setattr(packed, "packed_attention", packing_differs)
@@ -297,19 +323,19 @@ def test_shared_prefill_is_refused_when_packing_changes_a_prompt(setup, monkeypa
     assert found["ok"] is False
     clean.prefill = found
     assert plan_for(clean, 4, contract="batch-invariant").prefill_shared is False
-    if not clean.summary()["fixed_rows_ok"]:
-        pytest.skip("the probe found 16-row products that depend on the batch here: the contract is refused")
     out = decode(setup.model, setup.ids, DecodePolicy("invariant", contract="batch-invariant"), 4, MAX_NEW,
                  setup.eos, setup.pad, keep_logits=True, probe_report=clean)
     _assert_exact(out, refs)
 
 
-def test_packed_prefill_matches_each_prompt_packed_alone_where_the_probe_says_so(setup) -> None:
+def test_packed_prefill_matches_each_prompt_packed_alone_where_the_probe_says_so(setup, monkeypatch) -> None:
+    """Where the probe's sharing check holds (GEMMs row-invariant, injected so on any CPU; the other
+    branch is test_shared_prefill_is_refused_...), a shared pack is each prompt packed alone."""
     from mgaudit.decoding.packed import packed_prefill
 
-    rep = probe(setup.model, 4)
-    if not (rep.prefill and rep.prefill["ok"]):
-        pytest.skip(f"the probe found packing changes a prompt's prefill here: {rep.prefill}")
+    rowwise_linear(monkeypatch)
+    rep = probe(setup.model, 4, contract="batch-invariant")
+    assert rep.sharing_checked and rep.prefill["ok"]
     prompts = setup.ids[:5]
     logits, kv = packed_prefill(setup.model, prompts, 16, shared=True)
     for j, p in enumerate(prompts):

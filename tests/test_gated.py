@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from perturb import after_batched_forward, flip_logits_at
-import mgaudit.decoding.invariance as invariance
+import mgaudit.decoding.kernels as kernels
 import mgaudit.decoding.ragged as ragged
 from mgaudit.decoding.stock import solo_decode
 from mgaudit.errors import UsageError
 from mgaudit.decoding.policies import DecodePolicy, decode
-from mgaudit.decoding.invariance import plan_for, probe, row_chunked_linears
+from mgaudit.decoding.invariance import probe
+from mgaudit.decoding.kernels import decode_kernels, plan_for
 from mgaudit.prompts import encode_prompt, load_prompts
 from mgaudit.decoding.ragged import RAGGED, ragged_step
 
@@ -273,6 +274,78 @@ def test_without_a_verifier_the_corrupted_kv_shows(setup, monkeypatch, batch_siz
             assert out.sequences[i].tokens == setup.solo_tokens[i], i
 
 
+# --------------------------------------------------------------------------- trace fields and teacher forcing
+
+
+def _forced_reference(s, forced):
+    """What each prompt alone chooses at each step when fed ``forced`` (stock, batch size 1)."""
+    from mgaudit.decoding.stock import padded_decode
+
+    return [padded_decode(s.model, [p], MAX_NEW, s.eos, s.pad, forced=[f])[0] for p, f in zip(s.ids, forced)]
+
+
+def _others(s) -> list[list[int]]:
+    """For prompt i, the solo continuation of prompt i+1: tokens that are not its own choices."""
+    return [s.solo_tokens[(i + 1) % N] for i in range(N)]
+
+
+def test_policy_records_the_fast_paths_top2_like_a_stock_run(setup) -> None:
+    out = _decode(setup, DecodePolicy("invariant"), 4)
+    for r, solo in zip(out.sequences, setup.solos):
+        assert r.top1 == solo.top1 and r.top2 == solo.top2 and r.runner_up == solo.runner_up
+        assert r.margins == [a - b for a, b in zip(r.top1, r.top2)]
+    padded = _decode(setup, DecodePolicy("none"), 4)  # the padded fast path: what scan's padded replay records
+    from mgaudit.decoding.stock import padded_decode
+
+    stock = padded_decode(setup.model, setup.ids[:4], MAX_NEW, setup.eos, setup.pad)
+    for r, t in zip(padded.sequences[:4], stock):
+        assert (r.tokens, r.top1, r.top2, r.runner_up) == (t.tokens, t.top1, t.top2, t.runner_up)
+
+
+@pytest.mark.parametrize("key", list(EXACT))
+def test_forced_decode_records_what_the_policy_chooses_on_the_forced_history(setup, key) -> None:
+    forced = _others(setup)
+    ref = _forced_reference(setup, forced)
+    out = decode(setup.model, setup.ids, _policy(key), 4, MAX_NEW, setup.eos, setup.pad, forced=forced)
+    for i, (r, t, f) in enumerate(zip(out.sequences, ref, forced)):
+        assert len(r.tokens) == len(f) == len(t.tokens), i
+        assert r.tokens == t.tokens, (key, i)  # the choices given the forced prefix, not the fed tokens
+    assert any(r.tokens != f for r, f in zip(out.sequences, forced))
+
+
+def test_forced_decode_feeds_past_eos_and_takes_the_forced_budget(setup) -> None:
+    forced = [f[:3 + i % 4] for i, f in enumerate(_others(setup))]
+    eos = [forced[0][1]]  # an EOS in the middle of a forced row does not end it
+    out = decode(setup.model, setup.ids, DecodePolicy("gate", 0.5), 8, MAX_NEW, eos, setup.pad, forced=forced)
+    assert [len(r.tokens) for r in out.sequences] == [len(f) for f in forced]
+    with pytest.raises(UsageError, match="`forced`"):
+        decode(setup.model, setup.ids, DecodePolicy("invariant"), 4, MAX_NEW, setup.eos, setup.pad, forced=forced[:2])
+
+
+def test_forced_gate_repairs_a_flipped_logit(setup, monkeypatch) -> None:
+    forced = _others(setup)
+    ref = _forced_reference(setup, forced)
+    state = flip_logits_at(monkeypatch, FLIP_CALL)
+    out = decode(setup.model, setup.ids, DecodePolicy("gate", 1.0), 4, MAX_NEW, setup.eos, setup.pad, forced=forced)
+    assert state["flipped"] is not None
+    r = out.sequences[0]
+    assert r.verified[FLIP_STEP] and r.repaired[FLIP_STEP]
+    assert [x.tokens for x in out.sequences] == [t.tokens for t in ref]
+
+
+def test_forced_gate_replays_drift_on_the_forced_tokens(setup, monkeypatch) -> None:
+    forced = _others(setup)
+    ref = _forced_reference(setup, forced)
+    _corrupt_kv(monkeypatch, noise=0.5)
+    out = decode(setup.model, setup.ids, DecodePolicy("gate", 0.0, audit_every=3), 4, MAX_NEW, setup.eos,
+                 setup.pad, forced=forced)
+    assert out.drift_events and any(e.replayed_steps > 1 for e in out.drift_events)
+    assert [x.tokens for x in out.sequences] == [t.tokens for t in ref]
+    unverified = decode(setup.model, setup.ids, DecodePolicy("invariant"), 4, MAX_NEW, setup.eos, setup.pad,
+                        forced=forced)
+    assert unverified.sequences[0].top1 != ref[0].top1  # the corruption does reach the fast path
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -286,22 +359,27 @@ def _assert_linears_restored(model) -> None:
         assert lin.forward.__func__ is torch.nn.Linear.forward
 
 
-def test_row_chunked_linears_restores_forward(tiny_lm) -> None:
+def _chunked_linears(model, rows: int):
+    """Every linear layer in chunks of at most ``rows`` rows (the plan ``max_rows`` makes)."""
+    return decode_kernels(model, plan_for(None, rows + 1, max_rows=rows, model=model))
+
+
+def test_decode_kernels_restore_forward(tiny_lm) -> None:
     model = tiny_lm.model
     lins = _linears(model)
     assert lins
     _assert_linears_restored(model)
-    with row_chunked_linears(model, 2):
+    with _chunked_linears(model, 2):
         assert all("forward" in vars(lin) for lin in lins)
     _assert_linears_restored(model)
     with pytest.raises(ValueError, match="boom"):
-        with row_chunked_linears(model, 2):
+        with _chunked_linears(model, 2):
             assert all("forward" in vars(lin) for lin in lins)
             raise ValueError("boom")
     _assert_linears_restored(model)
 
 
-def test_row_chunked_linears_splits_into_chunks(tiny_lm, monkeypatch) -> None:
+def test_chunked_linears_split_into_chunks(tiny_lm, monkeypatch) -> None:
     lin = _linears(tiny_lm.model)[0]
     rows_seen: list[int] = []
     real = torch.nn.functional
@@ -310,36 +388,34 @@ def test_row_chunked_linears_splits_into_chunks(tiny_lm, monkeypatch) -> None:
         rows_seen.append(x.reshape(-1, x.shape[-1]).shape[0])
         return real.linear(x, w, b)
 
-    monkeypatch.setattr(invariance, "F", SimpleNamespace(linear=spy))
+    monkeypatch.setattr(kernels, "F", SimpleNamespace(linear=spy))
     x = torch.randn(5, 1, lin.in_features, generator=torch.Generator().manual_seed(0)).to(lin.weight.dtype)
     with torch.inference_mode():
-        with row_chunked_linears(tiny_lm.model, 2):
+        with _chunked_linears(tiny_lm.model, 2):
             y = lin(x)
     assert rows_seen == [2, 2, 1]
     assert y.shape == (5, 1, lin.out_features)
     rows_seen.clear()
-    with torch.inference_mode(), row_chunked_linears(tiny_lm.model, 8):
+    with torch.inference_mode(), _chunked_linears(tiny_lm.model, 8):
         lin(x)
     assert rows_seen == [5]  # within the limit: one GEMM
 
 
-def test_row_chunked_linears_rows_equal_one_row_calls(tiny_lm) -> None:
+def test_chunked_linears_equal_the_chunks_run_one_by_one(tiny_lm) -> None:
+    """Chunks of 2 rows give, row for row, what the same 2-row products give outside the mode (the
+    same GEMM shapes, so on any CPU), and the model's own forward is back afterwards."""
     model = tiny_lm.model
     gen = torch.Generator().manual_seed(1)
     with torch.inference_mode():
-        with row_chunked_linears(model, 2):
+        with _chunked_linears(model, 2):
             outs = {}
             for lin in _linears(model):
                 x = torch.randn(5, lin.in_features, generator=gen).to(lin.weight.dtype)
                 outs[lin] = (x, lin(x))
         _assert_linears_restored(model)
-        limited = [o.key for o in probe(model, 2).ops if o.kind == "linear" and o.layouts[0].limit < 2]
-        if limited:
-            pytest.skip(f"the probe found 2-row products of {limited} not row-invariant on this CPU: restoration "
-                        "checked only")
         for lin, (x, y) in outs.items():
-            one = torch.cat([lin(x[i:i + 1]) for i in range(5)])
-            assert torch.equal(y, one), lin
+            by_hand = torch.cat([lin(x[0:2]), lin(x[2:4]), lin(x[4:5])])
+            assert torch.equal(y, by_hand), lin
 
 
 def test_ragged_step_restores_attention_implementation(tiny_lm) -> None:
@@ -377,21 +453,22 @@ def test_ragged_attention_outside_a_block_raises() -> None:
 @pytest.mark.parametrize(
     "policy, needle",
     [
-        (DecodePolicy("bogus"), "policy 'bogus'"),
-        (DecodePolicy("gate"), "threshold"),
-        (DecodePolicy("gate", -1.0), "threshold -1.0"),
-        (DecodePolicy("gate", math.nan), "threshold nan"),
-        (DecodePolicy("gate", 0.5, fast_path="sideways"), "fast path 'sideways'"),
-        (DecodePolicy("invariant", fast_path="sideways"), "fast path 'sideways'"),
-        (DecodePolicy("invariant", max_rows=0), "max rows 0"),
-        (DecodePolicy("gate", 0.5, max_rows=-3), "max rows -3"),
-        (DecodePolicy("invariant", contract="sloppy"), "contract 'sloppy'"),
+        (DecodePolicy("bogus"), "`policy` 'bogus'"),
+        (DecodePolicy("gate"), "`threshold`"),
+        (DecodePolicy("gate", -1.0), "`threshold` -1.0"),
+        (DecodePolicy("gate", math.nan), "`threshold` nan"),
+        (DecodePolicy("gate", 0.5, fast_path="sideways"), "`fast_path` 'sideways'"),
+        (DecodePolicy("invariant", fast_path="sideways"), "`fast_path` 'sideways'"),
+        (DecodePolicy("invariant", max_rows=0), "`max_rows` 0"),
+        (DecodePolicy("gate", 0.5, max_rows=-3), "`max_rows` -3"),
+        (DecodePolicy("invariant", contract="sloppy"), "`contract` 'sloppy'"),
         (DecodePolicy("always", contract="batch-invariant"), "batch-invariant"),
-        (DecodePolicy("gate", 0.5, audit_every=0), "audit interval 0"),
+        (DecodePolicy("gate", 0.5, audit_every=0), "`audit_every` 0"),
+        (DecodePolicy("gate", audit_every=0), "`audit_every` 0"),  # a bad value before a missing one
     ],
     ids=["unknown", "gate-no-threshold", "negative-threshold", "nan-threshold", "bad-fast-path",
          "bad-fast-path-invariant", "max-rows-0", "max-rows-negative", "bad-contract", "always-bi",
-         "audit-0"],
+         "audit-0", "audit-0-before-missing-threshold"],
 )
 def test_policy_validate_errors(policy, needle) -> None:
     with pytest.raises(UsageError) as exc:
@@ -412,7 +489,7 @@ def test_policy_validate_accepts(policy, ragged, solo_prefill, audits) -> None:
 
 
 def test_decode_refuses_bad_input(setup) -> None:
-    with pytest.raises(UsageError, match="batch size"):
+    with pytest.raises(UsageError, match="`batch_size` 0"):
         _decode(setup, DecodePolicy("invariant"), 0)
     with pytest.raises(UsageError, match="threshold"):
         _decode(setup, DecodePolicy("gate"), 4)

@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
-
-EXACT = ("always", "gate", "invariant")
-ALL_POLICIES = ("none",) + EXACT
+from .policy import EXACT
 
 #: Attention implementations the ragged step reproduces bit for bit (others: verifier only).
 RAGGED_ATTENTION = ("sdpa", "eager")

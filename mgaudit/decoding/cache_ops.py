@@ -88,10 +88,10 @@ def _full_cache():
     return DynamicCache()  # DynamicLayer in every layer, created on update
 
 
-def pad_cache_left(model, solo_caches: Sequence[Any], lengths: Sequence[int], margin: int = 0):
+def pad_cache_left(model, solo_caches: Sequence[Any], lengths: Sequence[int], zero_columns: int = 0):
     """One left-padded batch cache from per-row batch-1 caches (pads are zeros).
 
-    ``margin`` extra zero columns go in front of every row (the batch-invariant attention pads
+    ``zero_columns`` extra zero columns go in front of every row (the batch-invariant attention pads
     each row to a multiple of its bucket from them).
     Every layer of the result is a full-length ``DynamicLayer`` (``width`` columns), also
     for the model's sliding-window layers: ragged attention applies the windows. Columns
@@ -107,15 +107,15 @@ def pad_cache_left(model, solo_caches: Sequence[Any], lengths: Sequence[int], ma
                 raise RuntimeError(f"layer {i} of row {b}'s cache has seen {end} columns, expected {n}")
             row.append((layer.keys, layer.values, first))
         rows.append(row)
-    return pad_columns_left(rows, lengths, margin, n_layers)
+    return pad_columns_left(rows, lengths, zero_columns, n_layers)
 
 
-def pad_columns_left(rows: Sequence[Sequence[tuple[Any, Any, int]]], lengths: Sequence[int], margin: int = 0,
+def pad_columns_left(rows: Sequence[Sequence[tuple[Any, Any, int]]], lengths: Sequence[int], zero_columns: int = 0,
                      n_layers: int | None = None):
     """One left-padded batch cache (zeros in front) from per row, per layer ``(K, V, first)``: the
     row's batch-1 K/V tensors holding its columns ``first..length``."""
     cache = _full_cache()
-    width = max(lengths) + margin
+    width = max(lengths) + zero_columns
     for i in range(n_layers if n_layers is not None else len(rows[0])):
         k0, v0 = rows[0][i][0], rows[0][i][1]
         K = k0.new_zeros((len(rows), k0.shape[1], width, k0.shape[3]))

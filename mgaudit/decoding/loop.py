@@ -70,28 +70,40 @@ def padded_prefill(model, prompts: Sequence[Sequence[int]], pad_id: int, cache=N
     return logits, cache, positions[:, -1:], Padded(model, mask)
 
 
-def greedy(logits: torch.Tensor, cache, positions: torch.Tensor, advance: Advance, *, eos_ids: Sequence[int],
-           pad_id: int, budgets: Sequence[int], stop_at_eos: bool = True) -> Iterator[Step]:
+def argmax_choice(step: Step) -> list[int | None]:
+    """The token each active row takes unless the consumer changes it: its argmax (temperature 0).
+    The one place the loop chooses a token (``greedy(choose=...)`` takes another rule)."""
+    return [t if a else None for t, a in zip(step.argmax, step.active)]
+
+
+def greedy(logits: torch.Tensor | None, cache, positions: torch.Tensor, advance: Advance, *,
+           eos_ids: Sequence[int], pad_id: int, budgets: Sequence[int], stop_at_eos: bool = True,
+           fed: torch.Tensor | None = None, choose: Callable[[Step], list] = argmax_choice) -> Iterator[Step]:
     """Greedy decoding from the prefill's ``logits`` and ``cache``.
 
-    ``positions``: ``[rows, 1]``, the position of each row's last prompt token. ``budgets``: per
-    row, the most tokens it takes. ``stop_at_eos``: a row ends after taking an EOS token (off for
-    teacher forcing and lockstep replays). Yields one :class:`Step` per step; after the consumer
-    returns control, every active row takes ``chosen[b]`` (or ends, if None), finished rows are fed
-    ``pad_id``, and the batch advances by one forward, until every row has ended.
+    ``positions``: ``[rows, 1]``, the position of each row's last token already in ``cache``.
+    ``budgets``: per row, the most tokens it takes. ``stop_at_eos``: a row ends after taking an EOS
+    token (off for teacher forcing and lockstep replays). ``fed`` (``[rows, 1]``, with ``logits``
+    None): start from these known tokens instead, as a replay does: the first step is their forward
+    at ``positions + 1``. Yields one :class:`Step` per step; after the consumer returns control,
+    every active row takes ``chosen[b]`` (``choose``'s token unless the consumer changed it; None
+    ends the row), finished rows are fed ``pad_id``, and the batch advances by one forward, until
+    every row has ended.
     """
+    if fed is not None:
+        positions = positions + 1
+        logits = advance(cache, fed, positions)
     rows = logits.shape[0]
     eos = set(int(e) for e in eos_ids)
     taken = [0] * rows
     done = [budgets[b] <= 0 for b in range(rows)]
-    fed = None
     index = 0
     device = logits.device
     while not all(done):
         argmax, runner_up, top1, top2 = _step.top2_stats(logits)
         active = [not d for d in done]
-        step = Step(index, logits, argmax, runner_up, top1, top2, active,
-                    [t if a else None for t, a in zip(argmax, active)], fed, positions)
+        step = Step(index, logits, argmax, runner_up, top1, top2, active, [], fed, positions)
+        step.chosen = choose(step)
         yield step
         feed = []
         for b in range(rows):

@@ -34,6 +34,11 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .cache_ops import cache_layers
+from .kernels import OpPlan, Plan, decode_kernels, find_ops
+from .ragged import attention_implementation, bucketed_attention, moe_blocks
+from .step import cache_kwarg, new_cache
+
 PACKED = "mgaudit_packed"
 #: Rows per GEMM in the packed prefill (a token's chunk is padded with zero rows to this).
 PREFILL_ROWS = 128
@@ -41,8 +46,6 @@ _segments: contextvars.ContextVar = contextvars.ContextVar("mgaudit_packed_segme
 
 
 def supported(model) -> bool:
-    from .ragged import bucketed_attention, moe_blocks
-
     return bucketed_attention(model) is not None and not moe_blocks(model)
 
 
@@ -64,8 +67,6 @@ def packed_attention(module, query, key, value, attention_mask, **kwargs):
 
 def prefill_plan(model, decode_rows: int):
     """Every linear layer at :data:`PREFILL_ROWS` rows, ``lm_head`` at ``decode_rows``."""
-    from .invariance import OpPlan, Plan, find_ops
-
     head = model.get_output_embeddings()
     plan = Plan()
     for op in find_ops(model):
@@ -77,8 +78,6 @@ def prefill_plan(model, decode_rows: int):
 
 @contextlib.contextmanager
 def _packed(model, bounds: list[int]) -> Iterator[None]:
-    from .ragged import attention_implementation
-
     token = _segments.set(bounds)
     try:
         with attention_implementation(model, PACKED, packed_attention):
@@ -89,9 +88,6 @@ def _packed(model, bounds: list[int]) -> Iterator[None]:
 
 def _one_pack(model, prompts: Sequence[Sequence[int]], plan) -> tuple[torch.Tensor, list[list[tuple[Any, Any]]]]:
     """Prefill ``prompts`` as one pack: last-token logits per prompt and per-prompt K/V per layer."""
-    from .cache_ops import cache_layers
-    from .step import cache_kwarg, new_cache
-    from .invariance import decode_kernels
 
     device = model.device
     bounds = [0]

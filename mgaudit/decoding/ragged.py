@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -208,6 +209,66 @@ def bucketed_sdpa(query, key, value, mask, scale, groups: int):
     return out.reshape(bsz, heads, 1, dim)
 
 
+#: Rows the attention check compares with the row alone (on an AMD EPYC, two threads made about 1
+#: row in 1,000 differ: the check must see thousands to catch that).
+SHARING_ROWS = 4096
+
+
+@torch.inference_mode()
+def check_attention_sharing(model, up_to: int, gen: torch.Generator) -> dict[str, Any] | None:
+    """Whether the batch-invariant attention may run a batch's rows in one call.
+
+    Under that contract a row attends over its K/V left-padded with zero columns to a multiple of
+    :data:`BUCKET` and masked, so its result depends on its own length only. A shared call
+    pads every row to the longest row's multiple: the check draws groups of 2..``up_to`` rows of
+    random lengths up to :data:`SHARE_SPAN` and compares every row of the shared call with the
+    row alone, bit for bit, :data:`SHARING_ROWS` rows in all. None where the contract's attention
+    is per row.
+    """
+    if bucketed_attention(model) is None:
+        return None
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    scale = next((m.scaling for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "layer_idx")),
+                 dim ** -0.5)
+    p = next(model.parameters())
+    dev, dtype = p.device, p.dtype
+    bucket, span = BUCKET, SHARE_SPAN
+
+    def attend(rows, w):
+        k = torch.zeros((len(rows), kv_heads, w, dim), dtype=dtype, device=dev)
+        v = torch.zeros_like(k)
+        for i, (n, _, rk, rv) in enumerate(rows):
+            k[i, :, w - n:], v[i, :, w - n:] = rk, rv
+        mask = bucket_mask(w, [r[0] for r in rows], dev)
+        return bucketed_sdpa(torch.stack([r[1] for r in rows]), k, v, mask, scale, heads // kv_heads)
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(dev, dtype)
+
+    t0 = time.perf_counter()
+    compared = draws = 0
+    first_failure = None
+    while compared < SHARING_ROWS and first_failure is None:
+        g = 2 + draws % max(up_to - 1, 1)
+        lengths = torch.randint(1, span + 1, (g,), generator=gen).tolist()
+        w = max(-(-n // bucket) * bucket for n in lengths)
+        rows = [(n, rand(heads, 1, dim, std=2.0), rand(kv_heads, n, dim, std=2.0), rand(kv_heads, n, dim))
+                for n in lengths]
+        got = attend(rows, w)
+        draws += 1
+        for i, r in enumerate(rows):
+            compared += 1
+            if not torch.equal(got[i], attend([r], -(-r[0] // bucket) * bucket)[0]):
+                first_failure = {"rows": g, "padded_to": w, "row_length": r[0]}
+                break
+    return {"ok": first_failure is None, "bucket": bucket, "span": span, "draws": draws, "rows_compared": compared,
+            "elements": compared * heads * dim, "first_failure": first_failure,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
 def _bucketed(state: _State, query, key, value, total: int, groups: int, scale):
     """The batch-invariant contract's attention: each row attends over its own columns, left-padded
     with zero columns to a multiple of ``state.bucket`` and masked, so its result depends on the row
@@ -218,7 +279,7 @@ def _bucketed(state: _State, query, key, value, total: int, groups: int, scale):
     padded = [-(-n // bucket) * bucket for n in lengths]
     if max(padded) > key.shape[2]:
         raise RuntimeError(f"batch-invariant attention needs {max(padded)} columns, the cache holds "
-                           f"{key.shape[2]} (build it with a zero margin: cache_ops.pad_cache_left(margin=...))")
+                           f"{key.shape[2]} (build it with zero columns in front: cache_ops.pad_cache_left(zero_columns=...))")
     rows = list(range(len(lengths)))
     if state.share_span and max(padded) <= state.share_span:
         return _bucketed_call(state, query, key, value, total, rows, max(padded), lengths, groups,

@@ -12,7 +12,7 @@ Steps: ``-1`` is the prefill forward (its argmax is generated token 0); decode s
 is this step + 1.
 
 * :func:`locate_divergence` hooks every decoder layer and its ``self_attn`` and ``mlp``
-  and reports, per step, the first (layer, block) whose output for the probed row is not
+  and reports, per step, the first (layer, block) whose output for the target row is not
   bit-identical to solo, with the max |difference| per layer.
 * :func:`kv_drift` compares, after every step and for every layer, the solo K/V cache
   with the batched row's K/V on its valid positions, finds the first argmax flip and fits
@@ -40,7 +40,7 @@ class _View:
 
     step: int
     solo_logits: torch.Tensor  # (vocab,)
-    batch_logits: torch.Tensor  # (vocab,) of the probed row
+    batch_logits: torch.Tensor  # (vocab,) of the target row
     solo_store: dict
     batch_store: dict
     solo_cache: Any
@@ -49,7 +49,7 @@ class _View:
 
 
 class _Hooks:
-    """Forward hooks on each decoder layer, its self_attn and mlp: keep the probed row's output."""
+    """Forward hooks on each decoder layer, its self_attn and mlp: keep the target row's output."""
 
     def __init__(self, layers, enabled: bool):
         self.store: dict | None = None
@@ -80,15 +80,15 @@ class _Hooks:
 
 def resolve_row(prompt_ids: Sequence[int], batch_prompt_ids: Sequence[Sequence[int]], row: int | None) -> int:
     if not batch_prompt_ids:
-        raise UsageError("the batch is empty", hint="give the prompts of the batch, the probed one included")
+        raise UsageError("the batch is empty", hint="give the prompts of the batch, the target one included")
     if row is None:
         matches = [i for i, p in enumerate(batch_prompt_ids) if list(p) == list(prompt_ids)]
         if not matches:
-            raise UsageError("the probed prompt is not one of the batch's prompts",
+            raise UsageError("the target prompt is not one of the batch's prompts",
                              hint="put it into batch_prompt_ids or pass row=")
         return matches[0]
     if not 0 <= row < len(batch_prompt_ids) or list(batch_prompt_ids[row]) != list(prompt_ids):
-        raise UsageError(f"row {row} of the batch does not hold the probed prompt")
+        raise UsageError(f"row {row} of the batch does not hold the target prompt")
     return row
 
 
@@ -99,7 +99,7 @@ def _lockstep(lm, prompt_ids, batch_prompt_ids, row: int, max_new_tokens: int, h
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not prompt_ids:
-        raise UsageError("the probed prompt has no tokens")
+        raise UsageError("the target prompt has no tokens")
     model = lm.model
     parts = model_parts(model)
     pad_id = lm.pad_token_id
@@ -207,7 +207,7 @@ def locate_divergence(lm, prompt_ids: Sequence[int], batch_prompt_ids: Sequence[
                       ) -> LocateReport:
     """Where inside the stack the batched row first stops being bit-identical to solo.
 
-    ``batch_prompt_ids``: every prompt of the batch, the probed one included (at ``row``,
+    ``batch_prompt_ids``: every prompt of the batch, the target one included (at ``row``,
     or the first entry equal to ``prompt_ids``).
     """
     row = resolve_row(prompt_ids, batch_prompt_ids, row)

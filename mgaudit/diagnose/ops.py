@@ -1,34 +1,28 @@
-"""Op probe: which kernel of a model's stack stops being batch-invariant, and at how many rows.
+"""``diagnose ops``: which kernel of a model's stack stops being batch-invariant, and at how many rows.
 
-For the model's own shapes, dtype and device, each op is run on M rows at once and on
-each of those rows alone (batch 1, as a solo run computes it); the op is batch-invariant
-at M when every row's result is bit-identical (``torch.equal``) to its batch-1 result.
-Every row is a probe row because a changed reduction order moves only some bf16 results
-by one ulp: on the reference CPU a 576->1536 GEMM at 48 rows changed 2 of 48 rows, so a
-single fixed probe row often misses the change (``probe_identical`` still reports row 0
-alone). The inputs at M are the first M rows of one fixed random pool, in the model's
-dtype, scaled to the RMS the real activations have at that point (measured once on a
-short text with forward hooks).
+A view over the invariance probe (:mod:`mgaudit.decoding.invariance`), at the row counts M asked
+for, plus the attention facts the probe does not measure. Rows of the table:
 
-Ops probed (see :func:`probe_ops`):
+* every op the probe measures (:func:`~mgaudit.decoding.invariance.measure_rows`): each distinct
+  ``linear`` shape (decode-shaped: M rows, one per sequence), the ``norm``, the MLP ``act``, the
+  ``rotary`` embedding, the ``embedding`` and the residual ``add``: at each M, at least
+  :data:`~mgaudit.decoding.invariance.MIN_ELEMENTS` output elements of M-row applications
+  (rows drawn from real decode activations and scaled random rows) compared with each row
+  applied alone, bit for bit: the probe's power, at these M;
+* ``linear-prefill``: the same linear module on M tokens of one sequence ``(1, M, in)``, each
+  token against itself alone (prefill-shaped vs decode-shaped);
+* ``attention``: torch ``scaled_dot_product_attention`` on one decode query per row over a K/V
+  cache of ``kv_len`` positions, heads and GQA grouping as the model's sdpa path calls it (no
+  mask: ``enable_gqa``; with a mask: the query heads folded onto their K/V head), without a mask,
+  and with the padding mask a left-padded batch carries (row 0 unpadded, the others padded at
+  random; the mask is present as soon as one row is padded, as in ``generate``); each row
+  against its solo call over its valid positions;
+* ``attention-cache``: one row, its K/V left-padded by M - 1 extra masked positions (M = 1: no
+  padding, no mask), against the unpadded solo call; and the same with the masked kernel on both
+  sides (all-valid mask at M = 1), to separate "a mask is present" from "the cache is longer".
 
-* ``linear``: every distinct ``nn.Linear`` shape of the model, its own forward on M
-  decode-shaped rows ``(M, 1, in)``;
-* ``linear-prefill``: the same module fed M tokens of one sequence ``(1, M, in)``, probe
-  against each token alone (prefill-shaped vs decode-shaped; the probe is the last token);
-* ``norm``: the model's final RMSNorm module on ``(M, 1, hidden)``;
-* ``rotary``: the model's rotary module with M position ids, then the model's
-  ``apply_rotary_pos_emb`` on q and k;
-* ``attention``: torch ``scaled_dot_product_attention`` on one decode query per row over a
-  K/V cache of ``kv_len`` positions, heads and GQA grouping as the model's sdpa path
-  calls it (no mask: ``enable_gqa``; with a mask: the query heads folded onto their K/V
-  head), without a mask, and with the padding mask a left-padded batch carries (row 0
-  unpadded, the others padded at random; the mask is present as soon as one row is
-  padded, as in ``generate``); each row against its solo call over its valid positions;
-* ``attention-cache``: one row, its K/V left-padded by M - 1 extra masked positions
-  (M = 1: no padding, no mask), against the unpadded solo call; and the same with the
-  masked kernel on both sides (all-valid mask at M = 1), to separate "a mask is present"
-  from "the cache is longer".
+Each cell is a :class:`~mgaudit.decoding.invariance.Point`. The powered per-op row limits the
+ragged path plans with are attached by the runner (``OpsReport.limits``).
 """
 
 from __future__ import annotations
@@ -40,30 +34,23 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..decoding.invariance import Point, capture_activations, measure_rows
+from ..decoding.kernels import apply_op, find_ops
 from ..errors import ModelError, UsageError
 
 DEFAULT_ROWS = (1, 2, 3, 4, 8, 16, 32, 48, 63, 64, 65, 96, 128, 256)
 MAX_ROWS = 8192
-CALIBRATION_TEXT = ("The quick brown fox jumps over the lazy dog. Write a short answer: how many "
-                    "apples are left if you have ten and eat three?")
 
 
 @dataclass
-class OpPoint:
-    rows: int
-    identical: bool  # every one of the M rows equals its batch-1 result
-    max_abs_diff: float  # over all M rows
-    rows_differing: int = 0
-    probe_identical: bool = True  # row 0 alone (the last token for prefill-shaped ops)
+class OpRow:
+    """One row of the table: an op, what M means for it, and a point per row count."""
 
-
-@dataclass
-class OpResult:
     name: str
-    kind: str  # linear, linear-prefill, norm, rotary, attention, attention-mask, attention-cache
+    kind: str  # linear, norm, act, rotary, embedding, add, linear-prefill, attention, attention-mask, attention-cache
     detail: str
     axis: str  # what M means for this op
-    points: list[OpPoint] = field(default_factory=list)
+    points: list[Point] = field(default_factory=list)
 
     @property
     def first_diff(self) -> int | None:
@@ -85,20 +72,20 @@ class OpsReport:
     row_counts: list[int]
     kv_len: int
     seed: int
-    ops: list[OpResult]
+    ops: list[OpRow]
     verdict: str = ""
     torch_threads: int = 0
     provenance: dict[str, Any] = field(default_factory=dict)
     #: the powered per-op probe the ragged path plans with (mgaudit.decoding.invariance), as its summary
     limits: dict[str, Any] | None = None
 
-    def op(self, name: str) -> OpResult:
+    def op(self, name: str) -> OpRow:
         for o in self.ops:
             if o.name == name:
                 return o
         raise KeyError(name)
 
-    def by_kind(self, kind: str) -> list[OpResult]:
+    def by_kind(self, kind: str) -> list[OpRow]:
         return [o for o in self.ops if o.kind == kind]
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,36 +154,6 @@ def _rms(t: torch.Tensor) -> float:
     return float(t.detach().float().pow(2).mean().sqrt())
 
 
-@torch.inference_mode()
-def activation_scales(lm, text: str = CALIBRATION_TEXT) -> dict[str, tuple[float, float]]:
-    """RMS of the input and output of every Linear and RMSNorm-like module on a short text."""
-    model = lm.model
-    ids = None
-    try:
-        ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"]
-    except Exception:  # a tokenizer that cannot encode plain text: fall back to fixed ids
-        ids = None
-    if not ids or len(ids) < 4:
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, int(model.config.vocab_size), (24,), generator=g).tolist()
-    scales: dict[str, tuple[float, float]] = {}
-    handles = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) or type(mod).__name__.endswith("RMSNorm"):
-            def hook(m, args, out, name=name):
-                scales[name] = (_rms(args[0]), _rms(out if torch.is_tensor(out) else out[0]))
-            handles.append(mod.register_forward_hook(hook))
-    try:
-        model(input_ids=torch.tensor([ids], device=model.device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return scales
-
-
-# --------------------------------------------------------------------------- helpers
-
-
 class _Rand:
     """Seeded random tensors, drawn on the CPU (reproducible across devices) then moved."""
 
@@ -229,35 +186,83 @@ def sdpa_like_model(q, k, v, mask, scale: float | None, n_rep: int):
     return out.reshape(b, h, 1, d)
 
 
-# --------------------------------------------------------------------------- the probe
+# --------------------------------------------------------------------------- the view
 
 
-def _point(m: int, batched: torch.Tensor, refs: torch.Tensor) -> OpPoint:
+AXES = {
+    "linear": "rows: M decode tokens, one per sequence",
+    "norm": "rows (M, hidden)", "act": "rows (M, width)", "rotary": "rows (M position ids)",
+    "embedding": "rows (M token ids)", "add": "rows (M, hidden)",
+}
+
+
+def _op_rows(model, rows: list[int], seed: int, note: Callable[[str], None]) -> list[OpRow]:
+    """The probe's measurement at ``rows``, one table row per op (what the model runs: batched)."""
+    note("ops the probe measures")
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    out = []
+    ops = {o.key: o for o in find_ops(model)}
+    for res in measure_rows(model, rows, seed=seed):
+        op = ops.get(res.key)
+        mods = sorted({names.get(id(m), "?") for m in op.modules}) if op is not None and op.kind != "add" else []
+        detail = f"{res.modules} module(s)" + (f": {'/'.join(mods)}" if mods else "") + (
+            f"; not probed: {res.error}" if res.error else "")
+        points = res.layouts[0].points if res.layouts[0].points is not None else []
+        out.append(OpRow(res.key, res.kind, detail, AXES.get(res.kind, "rows"), points))
+    return out
+
+
+def _prefill_rows(model, rows: list[int], real: dict[str, torch.Tensor], rnd: "_Rand") -> list[OpRow]:
+    """Each linear shape fed M tokens of one sequence ``(1, M, in)``, each token against itself alone."""
+    out = []
+    mmax = rows[-1]
+    for op in find_ops(model):
+        if op.kind != "linear":
+            continue
+        module = op.modules[0]
+        fin = module.in_features
+        captured = real.get(op.key)
+        scale = _rms(captured) if captured is not None and len(captured) else 1.0
+        pool = rnd.normal((mmax, fin), scale, salt=fin * 7 + module.out_features)
+        refs = torch.cat([apply_op(op, module, pool[i:i + 1]) for i in range(mmax)])
+        row = OpRow(f"prefill {op.key.split(' ', 1)[1]}", "linear-prefill",
+                    "M tokens of one sequence vs each token alone", "tokens: one sequence (1, M, in)")
+        for m in rows:
+            got = module(pool[:m].view(1, m, fin))[0]
+            point = Point(m)
+            point.add(got, refs[:m])
+            point.row0_identical = torch.equal(got[m - 1], refs[m - 1])  # the last token
+            row.points.append(point)
+        out.append(row)
+    return out
+
+
+def _point(m: int, batched: torch.Tensor, refs: torch.Tensor) -> Point:
     """Row i of ``batched`` against row i computed alone (``refs[i]``), for the first m rows."""
-    eq = [torch.equal(batched[i], refs[i]) for i in range(m)]
-    diff = 0.0 if all(eq) else float((batched[:m].float() - refs[:m].float()).abs().max())
-    return OpPoint(m, all(eq), diff, m - sum(eq), eq[0])
+    point = Point(m)
+    point.add(batched[:m], refs[:m])
+    point.row0_identical = torch.equal(batched[0], refs[0])
+    return point
 
 
 @dataclass
 class _Ctx:
-    """What every per-op probe needs: the model's parts, the row counts, seeded inputs and scales."""
+    """What the attention rows need: the model's parts, the row counts, seeded q/k/v pools."""
 
-    model: Any
     parts: ModelParts
     rows: list[int]
-    mmax: int
     kv_len: int
     rnd: "_Rand"
-    scales: dict[str, tuple[float, float]]
-    dtype: torch.dtype
     device: torch.device
-    note: Callable[[str], None]
-    qpool: torch.Tensor | None = None
-    kpool: torch.Tensor | None = None
-    vpool: torch.Tensor | None = None
-    ks: float = 1.0
-    vs: float = 1.0
+    qpool: torch.Tensor
+    kpool: torch.Tensor
+    vpool: torch.Tensor
+    ks: float
+    vs: float
+
+    @property
+    def mmax(self) -> int:
+        return self.rows[-1]
 
     @property
     def n_rep(self) -> int:
@@ -268,92 +273,32 @@ class _Ctx:
         return float(getattr(self.parts.attn, "scaling", self.parts.head_dim ** -0.5))
 
 
-def _probe_linear(c: _Ctx) -> list[OpResult]:
-    """Linear shapes: one module per distinct (in, out, bias), decode-shaped and prefill-shaped."""
-    shapes: dict[tuple, list[str]] = {}
-    modules: dict[tuple, Any] = {}
-    for name, mod in c.model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            key = (mod.in_features, mod.out_features, mod.bias is not None)
-            shapes.setdefault(key, []).append(name)
-            modules.setdefault(key, (name, mod))
-    ops = []
-    for key, names in shapes.items():
-        name, mod = modules[key]
-        fin, fout, bias = key
-        scale = c.scales.get(name, (1.0, 1.0))[0] or 1.0
-        short = sorted({n.rsplit(".", 1)[-1] for n in names})
-        label = f"{fin}->{fout}{' +bias' if bias else ''} ({'/'.join(short)})"
-        c.note(f"linear {label}")
-        pool = c.rnd.normal((c.mmax, fin), scale, salt=fin * 7 + fout)
-        refs = torch.stack([mod(pool[i].view(1, 1, fin))[0, 0] for i in range(c.mmax)])
-        res = OpResult(f"linear {label}", "linear", f"{len(names)} module(s), input RMS {scale:.3g}",
-                       "rows: M decode tokens (M, 1, in), one per sequence")
-        pre = OpResult(f"prefill {label}", "linear-prefill", "M tokens of one sequence vs each token alone",
-                       "tokens: one sequence (1, M, in); probe = last token")
-        for m in c.rows:
-            res.points.append(_point(m, mod(pool[:m].view(m, 1, fin))[:, 0], refs))
-            out = mod(pool[:m].view(1, m, fin))[0]
-            pre.points.append(_point(m, out.flip(0), refs[:m].flip(0)))
-        ops += [res, pre]
-    return ops
+def _attention_ctx(model, parts: ModelParts, rows: list[int], kv_len: int, rnd: "_Rand",
+                   real: dict[str, torch.Tensor]) -> _Ctx:
+    """Seeded q/k/v pools scaled to the RMS the model's q/k/v projections give on the captured
+    decode activations (1.0 where the model has no such projection)."""
+    scales = []
+    for p in "qkv":
+        proj = getattr(parts.attn, f"{p}_proj", None)
+        key = next((o.key for o in find_ops(model) if any(m is proj for m in o.modules)), None)
+        x = real.get(key) if key is not None else None
+        scales.append(_rms(proj(x)) or 1.0 if x is not None and len(x) else 1.0)
+    qs, ks, vs = scales
+    mmax = rows[-1]
+    return _Ctx(parts, rows, kv_len, rnd, next(model.parameters()).device,
+                rnd.normal((mmax, parts.n_heads, 1, parts.head_dim), qs, 40),
+                rnd.normal((mmax, parts.n_kv_heads, kv_len, parts.head_dim), ks, 41),
+                rnd.normal((mmax, parts.n_kv_heads, kv_len, parts.head_dim), vs, 42), ks, vs)
 
 
-def _probe_norm(c: _Ctx) -> list[OpResult]:
-    """RMSNorm (the model's final norm module)."""
-    norm = c.parts.norm
-    if norm is None:
-        return []
-    c.note("norm")
-    norm_name = next((n for n, mod in c.model.named_modules() if mod is norm), "norm")
-    scale = c.scales.get(norm_name, (1.0, 1.0))[0] or 1.0
-    h = c.parts.hidden
-    pool = c.rnd.normal((c.mmax, h), scale, salt=1)
-    refs = torch.stack([norm(pool[i].view(1, 1, h))[0, 0] for i in range(c.mmax)])
-    res = OpResult(f"norm {type(norm).__name__}({h})", "norm", f"input RMS {scale:.3g}", "rows (M, 1, hidden)")
-    for m in c.rows:
-        res.points.append(_point(m, norm(pool[:m].view(m, 1, h))[:, 0], refs))
-    return [res]
-
-
-def _probe_rotary(c: _Ctx) -> list[OpResult]:
-    """Rotary embedding: cos/sin for M position ids, then q/k rotated."""
-    parts = c.parts
-    if parts.rotary is None:
-        return []
-    c.note("rotary")
-    d = parts.head_dim
-    maxpos = int(getattr(c.model.config, "max_position_embeddings", 2048) or 2048)
-    pos = torch.cat([torch.tensor([c.kv_len], device=c.device), c.rnd.ints(0, maxpos, (c.mmax - 1,), salt=30)])
-
-    def rot(sl: slice) -> torch.Tensor:
-        p = pos[sl].view(-1, 1)
-        n = p.shape[0]
-        cos, sin = parts.rotary(torch.zeros((n, 1, d), dtype=c.dtype, device=c.device), p)
-        pieces = [cos.reshape(n, -1), sin.reshape(n, -1)]
-        if parts.apply_rotary is not None:
-            qe, ke = parts.apply_rotary(c.qpool[sl], c.kpool[sl, :, :1], cos, sin)
-            pieces += [qe.reshape(n, -1), ke.reshape(n, -1)]
-        return torch.cat([t.to(c.dtype) for t in pieces], dim=1)
-
-    refs = torch.cat([rot(slice(i, i + 1)) for i in range(c.mmax)])
-    res = OpResult(f"rotary {type(parts.rotary).__name__}", "rotary",
-                   "cos/sin for M position ids" + (", q/k rotated" if parts.apply_rotary else ""),
-                   "rows (M position ids)")
-    for m in c.rows:
-        res.points.append(_point(m, rot(slice(0, m)), refs))
-    return [res]
-
-
-def _probe_attention(c: _Ctx) -> list[OpResult]:
+def _attention_rows(c: _Ctx) -> list[OpRow]:
     """Attention, decode-shaped: one query per row over its K/V cache, unmasked and left-padded."""
-    c.note("attention")
     hq, hk, d, kv_len = c.parts.n_heads, c.parts.n_kv_heads, c.parts.head_dim, c.kv_len
     q, k, v, scale, n_rep = c.qpool, c.kpool, c.vpool, c.scale, c.n_rep
     geo = f"{hq} heads / {hk} KV heads x {d}, K/V length {kv_len}, query length 1"
     refs = torch.cat([sdpa_like_model(q[i:i + 1], k[i:i + 1], v[i:i + 1], None, scale, n_rep)
                       for i in range(c.mmax)])
-    plain = OpResult("attention sdpa, no mask", "attention", geo, "rows (M, heads, 1, head_dim)")
+    plain = OpRow("attention sdpa, no mask", "attention", geo, "rows (M, heads, 1, head_dim)")
     for m in c.rows:
         plain.points.append(_point(m, sdpa_like_model(q[:m], k[:m], v[:m], None, scale, n_rep), refs))
     # Left-padded batch: row i's first pads[i] positions are padding; row 0 is unpadded.
@@ -362,10 +307,10 @@ def _probe_attention(c: _Ctx) -> list[OpResult]:
                       c.rnd.ints(0, kv_len - 1, (c.mmax - 1,), salt=43)])
     refs = torch.cat([sdpa_like_model(q[i:i + 1], k[i:i + 1, :, int(pads[i]):], v[i:i + 1, :, int(pads[i]):],
                                       None, scale, n_rep) for i in range(c.mmax)])
-    masked = OpResult("attention sdpa, padding mask", "attention-mask",
-                      geo + "; rows left-padded (row 0 not), mask present when any row is padded; "
-                            "each row against its unpadded solo call",
-                      "rows; probe row 0 unpadded")
+    masked = OpRow("attention sdpa, padding mask", "attention-mask",
+                   geo + "; rows left-padded (row 0 not), mask present when any row is padded; "
+                         "each row against its unpadded solo call",
+                   "rows; row 0 unpadded")
     for m in c.rows:
         mask = None
         if bool((pads[:m] > 0).any()):
@@ -374,20 +319,19 @@ def _probe_attention(c: _Ctx) -> list[OpResult]:
     return [plain, masked]
 
 
-def _probe_attention_cache(c: _Ctx) -> list[OpResult]:
+def _attention_cache_rows(c: _Ctx) -> list[OpRow]:
     """Attention at different cache lengths: same query and K/V prefix, K/V left-padded."""
-    c.note("attention cache length")
     hk, d, kv_len, scale, n_rep = c.parts.n_kv_heads, c.parts.head_dim, c.kv_len, c.scale, c.n_rep
     q0, k0, v0 = c.qpool[:1], c.kpool[:1], c.vpool[:1]
     ref = sdpa_like_model(q0, k0, v0, None, scale, n_rep)
     ones = torch.ones((1, 1, 1, kv_len), dtype=torch.bool, device=c.device)
     ref_masked = sdpa_like_model(q0, k0, v0, ones, scale, n_rep)
-    solo = OpResult("attention cache +(M-1) padded", "attention-cache",
-                    f"one row; K/V ({kv_len} positions) left-padded by M-1 masked positions vs unpadded, no mask",
-                    "masked padding positions = M - 1")
-    same_path = OpResult("attention cache +(M-1) padded, mask both", "attention-cache",
-                         "as above, but the unpadded reference also carries an all-valid mask",
-                         "masked padding positions = M - 1")
+    solo = OpRow("attention cache +(M-1) padded", "attention-cache",
+                 f"one row; K/V ({kv_len} positions) left-padded by M-1 masked positions vs unpadded, no mask",
+                 "masked padding positions = M - 1")
+    same_path = OpRow("attention cache +(M-1) padded, mask both", "attention-cache",
+                      "as above, but the unpadded reference also carries an all-valid mask",
+                      "masked padding positions = M - 1")
     for m in c.rows:
         pad = m - 1
         kp = torch.cat([c.rnd.normal((1, hk, pad, d), c.ks, 60 + m), k0], dim=2)
@@ -402,51 +346,38 @@ def _probe_attention_cache(c: _Ctx) -> list[OpResult]:
     return [solo, same_path]
 
 
-#: The per-op probes, in report order. Each takes the shared context and returns its results.
-PROBES: tuple[tuple[str, Callable[[_Ctx], list[OpResult]]], ...] = (
-    ("linear", _probe_linear),
-    ("norm", _probe_norm),
-    ("rotary", _probe_rotary),
-    ("attention", _probe_attention),
-    ("attention cache length", _probe_attention_cache),
-)
-
-
 @torch.inference_mode()
 def probe_ops(lm, row_counts: Sequence[int] = DEFAULT_ROWS, seed: int = 0, kv_len: int = 48,
               progress: Callable[[str], None] | None = None) -> OpsReport:
-    """Probe each op of ``lm``'s stack for batch invariance at every M in ``row_counts``.
-
-    Every row is a probe row: the inputs at M are the first M rows of one fixed pool, and
-    each of the M results is compared with that row computed alone (batch 1, the way a
-    solo run computes it). ``identical`` means all M rows are bit-identical;
-    ``probe_identical`` is the verdict for row 0 alone (the last token for the
-    prefill-shaped ops). The ops are the entries of :data:`PROBES`.
-    """
+    """The invariance probe's view of ``lm``'s stack at every M in ``row_counts`` (see the module
+    doc), with the prefill-shaped and attention rows; ``identical`` means every compared row is
+    bit-identical to that row alone."""
     rows = sorted(set(int(r) for r in row_counts))
     if not rows or rows[0] < 1:
-        raise UsageError("row counts must be whole numbers of at least 1")
+        raise UsageError("`rows` must be whole numbers of at least 1")
     if kv_len < 2:
-        raise UsageError(f"kv_len must be at least 2, got {kv_len}")
+        raise UsageError(f"`kv_len` must be at least 2, got {kv_len}")
     model = lm.model
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     parts = model_parts(model)
-    c = _Ctx(model, parts, rows, rows[-1], kv_len, _Rand(seed, dtype, device), activation_scales(lm), dtype,
-             device, progress or (lambda msg: None))
-    # the attention-shaped inputs (rotary and attention probes); each draw has its own seed (salt)
-    attn_name = next((n for n, mod in model.named_modules() if mod is parts.attn), "")
-    qs, c.ks, c.vs = (c.scales.get(f"{attn_name}.{p}_proj", (1.0, 1.0))[1] or 1.0 for p in "qkv")
-    c.qpool = c.rnd.normal((c.mmax, parts.n_heads, 1, parts.head_dim), qs, 40)
-    c.kpool = c.rnd.normal((c.mmax, parts.n_kv_heads, kv_len, parts.head_dim), c.ks, 41)
-    c.vpool = c.rnd.normal((c.mmax, parts.n_kv_heads, kv_len, parts.head_dim), c.vs, 42)
-    ops = [result for _, probe_fn in PROBES for result in probe_fn(c)]
+    note = progress or (lambda msg: None)
+    rnd = _Rand(seed, dtype, device)
+    real = capture_activations(model, seed=seed)
+    ops = _op_rows(model, rows, seed, note)
+    note("linear, prefill-shaped")
+    ops += _prefill_rows(model, rows, real, rnd)
+    c = _attention_ctx(model, parts, rows, kv_len, rnd, real)
+    note("attention")
+    ops += _attention_rows(c)
+    note("attention cache length")
+    ops += _attention_cache_rows(c)
     report = OpsReport(model=lm.name, dtype=str(dtype).replace("torch.", ""), device=str(device),
                        row_counts=rows, kv_len=kv_len, seed=seed, ops=ops, torch_threads=torch.get_num_threads())
     report.verdict = ops_verdict(report)
     impl = getattr(model.config, "_attn_implementation", None)
     if impl and impl != "sdpa":
-        report.verdict += (f" Note: this model runs {impl!r} attention; the attention rows probe torch sdpa "
+        report.verdict += (f" Note: this model runs {impl!r} attention; the attention rows measure torch sdpa "
                            "as the sdpa path would call it.")
     return report
 
@@ -459,7 +390,7 @@ def _below(rows: list[int], first: int) -> int | None:
     return below[-1] if below else None
 
 
-def _group_phrase(label: str, group: list[OpResult], rows: list[int], unit: str = "rows") -> str:
+def _group_phrase(label: str, group: list[OpRow], rows: list[int], unit: str = "rows") -> str:
     if not group:
         return ""
     diff = [o for o in group if not o.invariant]
@@ -476,7 +407,7 @@ def _group_phrase(label: str, group: list[OpResult], rows: list[int], unit: str 
             f"{len(diff)} of {len(group)} differ at some M <= {rows[-1]}; max |diff| {worst:.3g})")
 
 
-def _single_phrase(label: str, op: OpResult, rows: list[int], changes: str, unit: str = "rows") -> str:
+def _single_phrase(label: str, op: OpRow, rows: list[int], changes: str, unit: str = "rows") -> str:
     if op.invariant:
         return f"{label}: bit-identical at every tested M up to {rows[-1]} {unit}"
     return (f"{label}: {changes} from M = {op.first_diff} {unit} "
@@ -489,10 +420,9 @@ def ops_verdict(report: OpsReport) -> str:
         _group_phrase("linear layers", report.by_kind("linear"), rows),
         _group_phrase("prefill-shaped linear", report.by_kind("linear-prefill"), rows, unit="tokens"),
     ]
-    for o in report.by_kind("norm"):
-        parts.append(_single_phrase("RMSNorm", o, rows, "changes"))
-    for o in report.by_kind("rotary"):
-        parts.append(_single_phrase("rotary", o, rows, "changes"))
+    for kind in ("norm", "act", "rotary", "embedding", "add"):
+        for o in report.by_kind(kind):
+            parts.append(_single_phrase(o.name, o, rows, "changes"))
     for o in report.by_kind("attention"):
         parts.append(_single_phrase("attention without mask", o, rows, "changes"))
     for o in report.by_kind("attention-mask"):
@@ -502,7 +432,7 @@ def ops_verdict(report: OpsReport) -> str:
             worst = max(p.max_abs_diff for p in o.points)
             first = o.first_diff
             unpadded = ("the unpadded row stays bit-identical, the padded rows differ from their solo result"
-                        if all(p.probe_identical for p in o.points)
+                        if all(p.row0_identical for p in o.points)
                         else "even the unpadded row differs")
             parts.append(f"attention changes when a padding mask is present (from M = {first} rows, "
                          f"max |diff| {worst:.3g}; {unpadded})")

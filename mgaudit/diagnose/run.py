@@ -1,10 +1,11 @@
 """``mgaudit diagnose``: which kernel makes a model's stack batch-variant.
 
-Three probes, each with a verdict in words:
+Three diagnoses, each with a verdict in words:
 
 * :func:`~mgaudit.diagnose.ops.probe_ops` (``diagnose ops``): op by op, for the model's
   own shapes, is the result of a row bit-identical to its batch-1 result as the number
-  of rows M grows? (Linear shapes, prefill- vs decode-shaped Linear, RMSNorm, rotary,
+  of rows M grows? (The invariance probe's view at chosen M: linear shapes, norms,
+  activation, rotary, embedding, residual add; plus prefill- vs decode-shaped linear,
   sdpa with and without a padding mask, longer masked caches.)
 * :func:`~mgaudit.diagnose.layers.locate_divergence` (``diagnose prompt``): for one
   prompt solo vs inside a left-padded batch, teacher-forced, the first layer and block
@@ -14,8 +15,8 @@ Three probes, each with a verdict in words:
   written to Parquet (:data:`KV_SCHEMA`) with a PNG plot.
 
 This module holds the configs, the runners the CLI calls, prompt/batch selection and the
-K/V Parquet and plot writers; the probes live in ``diagnose_ops`` and
-``diagnose_layers``.
+K/V Parquet and plot writers; the diagnoses live in :mod:`mgaudit.diagnose.ops` and
+:mod:`mgaudit.diagnose.layers`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .layers import (  # noqa: F401  (re-exported)
     locate_divergence,
     locate_verdict,
 )
-from .ops import DEFAULT_ROWS, OpPoint, OpResult, OpsReport, ops_verdict, parse_rows, probe_ops  # noqa: F401
+from .ops import DEFAULT_ROWS, OpRow, OpsReport, ops_verdict, parse_rows, probe_ops  # noqa: F401
 from ..models import ModelOptions
 from ..errors import OutputError, PromptError, UsageError
 from ..formats.kv import KV_COLUMNS, KV_FILE, KV_PLOT, KV_SCHEMA, kv_writer  # noqa: F401
@@ -95,7 +96,7 @@ class KvConfig(ModelOptions):
     out: Path
     batch_size: int = 8
     max_new_tokens: int = 64
-    limit: int | None = None  # probe only the first N prompts (fillers still come from the whole set)
+    limit: int | None = None  # diagnose only the first N prompts (fillers still come from the whole set)
     flips: int = 3  # stop after this many prompts with a flip
     plot: Path | None = None  # default: OUT/kv.png
     chat: bool = True
@@ -123,19 +124,19 @@ def pick_prompt(prompt_set, text_or_id: str):
     return Prompt(id="cli", text=text_or_id, messages=None)
 
 
-def batch_for(index: int | None, probe_ids: list[int], encoded: list[list[int]], batch_size: int, row: int = 0,
+def batch_for(index: int | None, target_ids: list[int], encoded: list[list[int]], batch_size: int, row: int = 0,
               exact: bool = False) -> list[list[int]]:
-    """A batch of ``batch_size`` prompts with ``probe_ids`` at ``row``; the others are the next
-    prompts of the set after ``index`` (cyclically, never the probe itself), or copies of the
-    probe when ``exact``."""
+    """A batch of ``batch_size`` prompts with ``target_ids`` at ``row``; the others are the next
+    prompts of the set after ``index`` (cyclically, never the target itself), or copies of the
+    target when ``exact``."""
     if exact:
-        return [list(probe_ids) for _ in range(batch_size)]
+        return [list(target_ids) for _ in range(batch_size)]
     pool = list(encoded) if index is None else list(encoded[index + 1:]) + list(encoded[:index])
     if not pool:
         raise PromptError("the prompt set has no other prompt to use as filler",
                           hint="use a set with at least two prompts, or `exact`")
     fillers = [pool[i % len(pool)] for i in range(batch_size - 1)]
-    return fillers[:row] + [list(probe_ids)] + fillers[row:]
+    return fillers[:row] + [list(target_ids)] + fillers[row:]
 
 
 # --------------------------------------------------------------------------- runners
@@ -179,9 +180,9 @@ def run_prompt(config: PromptConfig, log: Callable[[str], None] | None = None, l
     index = next((i for i, p in enumerate(prompt_set.prompts) if p is prompt), None)
     if index is None and log:
         log(f"no prompt with id {config.prompt!r} in {prompt_set.name}: using it as the prompt text")
-    probe = encoded[index] if index is not None else encode_prompt(lm.tokenizer, prompt, chat=config.chat)
-    batch = batch_for(index, probe, encoded, config.batch_size, config.row, config.exact)
-    return locate_divergence(lm, probe, batch, config.max_new_tokens, row=config.row, prompt_id=prompt.id)
+    target = encoded[index] if index is not None else encode_prompt(lm.tokenizer, prompt, chat=config.chat)
+    batch = batch_for(index, target, encoded, config.batch_size, config.row, config.exact)
+    return locate_divergence(lm, target, batch, config.max_new_tokens, row=config.row, prompt_id=prompt.id)
 
 
 @dataclass
@@ -201,7 +202,7 @@ def run_kv(config: KvConfig, log: Callable[[str], None] | None = None, loaded=No
     from ..prompts import encode_prompt, load_prompts
 
     config.validate()
-    prompt_set = load_prompts(config.prompts)  # --limit bounds the probed prompts; fillers come from all
+    prompt_set = load_prompts(config.prompts)  # `limit` bounds the diagnosed prompts; fillers come from all
     out = Path(config.out)
     plot = Path(config.plot) if config.plot else out / KV_PLOT
     for d in {out, plot.parent}:  # fail before the model runs, not after

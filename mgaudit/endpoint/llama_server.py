@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import MgauditError, ModelError, UsageError
+from ..machine import cpu_flags, identity
 from ..models import default_gguf  # noqa: F401  (re-exported: the server runs the default model's GGUF)
 
 DEFAULT_VERSION = "0.3.36"
@@ -80,26 +81,11 @@ def _cache_root() -> Path:
     return cache_root() / "llama-server"
 
 
-def cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return sorted(set(value.split()))
-    except OSError:
-        pass
-    return []
-
-
 def build_key(version: str = DEFAULT_VERSION) -> str:
+    """The build cache key: the sdist version, the OS and architecture, and a digest of every ISA flag
+    of this CPU (a native build is valid only where the same instructions exist)."""
     flags = hashlib.sha256(" ".join(cpu_flags()).encode()).hexdigest()[:12]
     return f"{version}-{platform.system().lower()}-{platform.machine()}-cpu{flags}"
-
-
-def cached_binary(version: str = DEFAULT_VERSION) -> Path | None:
-    b = _cache_root() / build_key(version) / TARGET
-    return b if b.is_file() and os.access(b, os.X_OK) else None
 
 
 def missing_tools() -> list[str]:
@@ -189,7 +175,7 @@ def build_llama_server(version: str = DEFAULT_VERSION, jobs: int = 2, force: boo
             shutil.copy2(produced, stage / TARGET)
             (stage / "build.json").write_text(json.dumps({
                 "version": version, "key": key, "seconds": round(seconds, 1), "cmake_args": list(CMAKE_ARGS),
-                "jobs": jobs, "cpu_flags": cpu_flags(), "machine": platform.machine(),
+                "jobs": jobs, "cpu_flags": cpu_flags(), "machine": identity(),
                 "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }, indent=2) + "\n")
             if dest.exists():
