@@ -13,7 +13,6 @@ Teacher forcing (``forced``) feeds each row the reference's tokens; it is always
 
 from __future__ import annotations
 
-import platform
 from typing import Any, Sequence
 
 from .backend import VOCAB_TEST, Backend, Done
@@ -42,12 +41,11 @@ class LocalBackend(Backend):
         return {"name": self.lm.name, "source": self.lm.source}
 
     def identity(self) -> dict[str, Any]:
-        import torch
+        from ..machine import identity
 
         prov = self.lm.provenance()
         model = {k: v for k, v in prov["model"].items() if k != "device_name"}
-        return {"backend": "local", "model": model, "versions": prov["versions"], "threads": torch.get_num_threads(),
-                "machine": _machine()}
+        return {"backend": "local", "model": model, "versions": prov["versions"], "machine": identity()}
 
     def vocabulary(self) -> dict[str, Any]:
         return {"size": len(self.tokenizer),
@@ -114,10 +112,3 @@ class LocalBackend(Backend):
         return [Steps.of(s, triggers=s.triggers, audits=s.audits, repairs=s.repairs, drift_events=len(s.drift),
                          verified=list(s.verified)) for s in out.sequences]
 
-
-def _machine() -> dict[str, Any]:
-    try:
-        from ..machine import identity
-    except ImportError:  # pragma: no cover - until the machine module lands
-        return {"machine": platform.machine(), "processor": platform.processor()}
-    return identity()

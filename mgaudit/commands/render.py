@@ -83,7 +83,7 @@ def _scoring_line(scoring: dict[str, Any]) -> str:
 
 
 def verify_report(report: dict[str, Any]) -> None:
-    s, cand, ref = report["summary"], report["candidate"], report["reference"]
+    s, cand = report["summary"], report["candidate"]
     what = cand["label"] + ", " + cand["describe"]
     if cand.get("policy"):
         pol = cand["policy"]
