@@ -97,7 +97,8 @@ def main() -> None:
     from mgaudit.audit.backend import build_requests
     from mgaudit.audit.remote import EndpointBackend
     from mgaudit.audit.steps import Settings
-    from mgaudit.endpoint.llama_server import LlamaServer, build_llama_server, default_gguf
+    from mgaudit.endpoint.llama_server import LlamaServer, build_llama_server
+    from mgaudit.models import default_gguf
     from mgaudit.machine import describe
     from mgaudit.prompts import load_prompts
 

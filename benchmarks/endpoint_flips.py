@@ -34,7 +34,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from mgaudit.scan import ScanConfig, scan
-    from mgaudit.endpoint.llama_server import LlamaServer, build_llama_server, default_gguf
+    from mgaudit.endpoint.llama_server import LlamaServer, build_llama_server
+    from mgaudit.models import default_gguf
     from mgaudit.machine import describe
 
     build = build_llama_server(log=print)

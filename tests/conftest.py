@@ -9,9 +9,9 @@
 Tests marked ``gpu`` are skipped where no CUDA device is present.
 
 Every test run gets a cache of its own (``MGAUDIT_CACHE``, set in ``pytest_configure``): probe
-results and reference runs never come from another run. The default model, its GGUF and the
-llama-server build are linked in from the machine's cache (they are inputs, fetched or built
-once per machine).
+results and reference runs never come from another run. The default model, its GGUF, the
+llama-server build and vLLM's environment are linked in from the machine's cache (they are
+inputs, fetched or built once per machine).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
+# real engines, one per session, prepared in the background (tests/engines.py)
+from engines import llama_server, pytest_collection_finish, pytest_sessionfinish, vllm_server  # noqa: E402,F401
 
 #: Prompts of different lengths, all made of words in ``tiny_tokenizer.WORDS``.
 TINY_PROMPTS = [
@@ -42,7 +44,7 @@ TINY_PROMPTS = [
 
 
 #: Cache folders shared with the machine's cache (inputs); everything else is per run.
-SHARED_CACHE = ("models", "gguf", "llama-server")
+SHARED_CACHE = ("models", "gguf", "llama-server", "vllm")
 _run_cache: dict[str, str] = {}
 
 

@@ -221,7 +221,7 @@ def test_a_reference_with_another_vocabulary_is_refused_before_decoding(tiny_lm,
 
 
 def test_an_unreachable_reference_fails_in_seconds(model_server, tiny_model_dir, prompts_file) -> None:
-    from mgaudit.endpoint.llama_server import free_port
+    from mgaudit.endpoint.process import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     before = model_server.posts

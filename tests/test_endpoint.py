@@ -87,7 +87,7 @@ def test_base_url_normalisation():
 
 
 def test_unreachable_server_one_line_within_5s(tmp_path: Path):
-    from mgaudit.endpoint.llama_server import free_port
+    from mgaudit.endpoint.process import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     t0 = time.monotonic()
@@ -217,31 +217,6 @@ def test_http_errors_retry_then_resume(fake, chat_file: Path, tmp_path: Path):
 
 
 # --------------------------------------------------------------------------- a real llama.cpp server
-
-
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory: pytest.TempPathFactory):
-    """llama-server built once per machine (cached), started with the default GGUF and 8 slots."""
-    from mgaudit.endpoint.llama_server import (BuildToolsMissing, LlamaServer, ServerBuildError,
-                                               build_llama_server, default_gguf, missing_tools)
-
-    missing = missing_tools()
-    if missing:
-        pytest.skip(f"cannot build llama-server here: {' and '.join(missing)} not installed")
-    try:
-        info = build_llama_server(jobs=2, niceness=10, log=lambda m: print(m, flush=True))
-    except BuildToolsMissing as exc:  # pragma: no cover - checked above
-        pytest.skip(str(exc))
-    except ServerBuildError as exc:
-        pytest.fail(f"building llama-server failed: {exc.one_line()}")
-    gguf = default_gguf()
-    log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    srv = LlamaServer(info.binary, gguf, slots=8, ctx=8192, log_path=log)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.mark.slow

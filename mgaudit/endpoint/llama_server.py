@@ -18,22 +18,18 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import MgauditError, ModelError, UsageError
+from ..errors import ModelError, UsageError
 from ..machine import cpu_flags, identity
-from ..models import default_gguf  # noqa: F401  (re-exported: the server runs the default model's GGUF)
+from .process import FileLock, ServerProcess, ServerStartError, log_tail
 
 DEFAULT_VERSION = "0.3.36"
 PACKAGE = "llama-cpp-python"
@@ -52,7 +48,7 @@ CMAKE_ARGS = (
 )
 
 
-class ServerBuildError(MgauditError):
+class ServerBuildError(ServerStartError):
     """llama-server could not be built (missing tools, download or compile failure)."""
 
 
@@ -98,27 +94,6 @@ def missing_tools() -> list[str]:
     return missing
 
 
-class _FileLock:
-    def __init__(self, path: Path):
-        self.path = path
-        self.fh = None
-
-    def __enter__(self):
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.path, "w")
-        fcntl.flock(self.fh, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        import fcntl
-
-        fcntl.flock(self.fh, fcntl.LOCK_UN)
-        self.fh.close()
-        return False
-
-
 def _run(cmd: list[str], cwd: Path, logf, niceness: int) -> None:
     logf.write(f"$ {' '.join(cmd)}\n")
     logf.flush()
@@ -126,14 +101,6 @@ def _run(cmd: list[str], cwd: Path, logf, niceness: int) -> None:
     rc = subprocess.run(cmd, cwd=cwd, stdout=logf, stderr=subprocess.STDOUT, preexec_fn=pre).returncode
     if rc != 0:
         raise subprocess.CalledProcessError(rc, cmd)
-
-
-def _tail(path: Path, n: int = 3) -> str:
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return " | ".join(lines[-n:])
 
 
 def build_llama_server(version: str = DEFAULT_VERSION, jobs: int = 2, force: bool = False, niceness: int = 0,
@@ -145,7 +112,7 @@ def build_llama_server(version: str = DEFAULT_VERSION, jobs: int = 2, force: boo
     key = build_key(version)
     root = _cache_root()
     dest = root / key
-    with _FileLock(root / f".{key}.lock"):
+    with FileLock(root / f".{key}.lock"):
         meta_path = dest / "build.json"
         if not force and (dest / TARGET).is_file() and meta_path.is_file():
             meta = json.loads(meta_path.read_text())
@@ -183,7 +150,7 @@ def build_llama_server(version: str = DEFAULT_VERSION, jobs: int = 2, force: boo
             os.replace(stage, dest)
         except subprocess.CalledProcessError as exc:
             raise ServerBuildError(f"building llama-server failed ({Path(exc.cmd[0]).name} exit {exc.returncode}): "
-                                   f"{_tail(log_path)}", hint=f"full log: {log_path}") from None
+                                   f"{log_tail(log_path)}", hint=f"full log: {log_path}") from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
         log(f"built {dest / TARGET} in {seconds:.0f} s")
@@ -234,42 +201,25 @@ def _extract_llama_cpp(sdist: Path, work: Path) -> Path:
 # --------------------------------------------------------------------------- running it
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def default_threads() -> int:
     """Leave one core to the client: on a 2-core machine llama.cpp's spinning threads and the
     client fight for the cores, and decoding slows down by orders of magnitude."""
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-class LlamaServer:
+class LlamaServer(ServerProcess):
     """``with LlamaServer(binary, gguf, slots=8) as srv: srv.url`` (an OpenAI base URL ending in /v1)."""
 
+    name = "llama-server"
+    ready_path = "/health"
+
     def __init__(self, binary: Path, model: Path, *, slots: int = 8, ctx: int = 8192, threads: int | None = None,
-                 host: str = "127.0.0.1", port: int | None = None, extra_args: tuple[str, ...] = (),
-                 log_path: Path | None = None, startup_timeout: float = 180.0):
+                 extra_args: tuple[str, ...] = (), **kw):
+        super().__init__(**kw)
         self.binary, self.model = Path(binary), Path(model)
         self.slots, self.ctx = slots, ctx
         self.threads = threads or default_threads()
-        self.host = host
-        self.port = port or free_port(host)
         self.extra_args = tuple(extra_args)
-        self.log_path = Path(log_path) if log_path else None
-        self.startup_timeout = startup_timeout
-        self.proc: subprocess.Popen | None = None
-        self._logf = None
-
-    @property
-    def root_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"{self.root_url}/v1"
 
     def command(self) -> list[str]:
         return [str(self.binary), "-m", str(self.model), "-np", str(self.slots), "-c", str(self.ctx),
@@ -280,42 +230,8 @@ class LlamaServer:
             raise UsageError(f"{self.binary}: no llama-server binary there", hint="build it first")
         if not self.model.is_file():
             raise ModelError(f"{self.model}: no such model file")
-        self._logf = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.command(), stdout=self._logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                detail = _tail(self.log_path) if self.log_path else ""
-                self.stop()
-                raise ServerBuildError(f"llama-server exited with code {self.proc.returncode} while starting"
-                                       + (f": {detail}" if detail else ""))
-            try:
-                with urllib.request.urlopen(f"{self.root_url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError, ValueError):
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise ServerBuildError(f"llama-server did not report healthy within {self.startup_timeout:g} s")
+        return super().start()
 
-    def stop(self) -> None:
-        p = self.proc
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
-        if self._logf not in (None, subprocess.DEVNULL):
-            self._logf.close()
-        self._logf = None
-
-    def __enter__(self) -> "LlamaServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> bool:
-        self.stop()
-        return False
+    def describe(self) -> str:
+        """The engine and its flags, for ``--engine-note``."""
+        return f"llama-server -np {self.slots} -c {self.ctx} -t {self.threads}"

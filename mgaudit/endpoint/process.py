@@ -37,6 +37,29 @@ def log_tail(path: Path | None, n: int = 3) -> str:
     return " | ".join(lines[-n:])
 
 
+class FileLock:
+    """``with FileLock(path):`` one process at a time (builds and installs into the shared cache)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "w")
+        fcntl.flock(self.fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+        return False
+
+
 class ServerProcess:
     """``with Sub(...) as srv: srv.url`` (an OpenAI base URL ending in /v1). Subclasses give
     ``name``, ``command()`` and ``ready_path`` (polled until it answers 200)."""

