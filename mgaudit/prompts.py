@@ -15,19 +15,16 @@ names the file (and line or field) and says what to do.
 from __future__ import annotations
 
 import contextlib
-import csv
 import gzip
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import ContextLengthError, HubDatasetUnavailableError, PromptError, UsageError, json_error_text
+from .errors import ContextLengthError, HubDatasetUnavailableError, PromptError, UsageError
+from .formats.prompt_files import Prompt, accepted, file_ext, file_stem, read_prompt_file, reason, record
 
-#: File endings ``load_prompts`` reads, longest first so ``.jsonl.gz`` wins over ``.gz``.
-ACCEPTED_EXTENSIONS = (".jsonl.gz", ".jsonl", ".json", ".parquet", ".csv", ".txt")
 
 #: Columns tried, in order, for a ``hf:`` dataset when no column is named.
 HF_COLUMNS = ("prompt", "question", "problem", "instruction", "text")
@@ -35,27 +32,6 @@ HF_COLUMNS = ("prompt", "question", "problem", "instruction", "text")
 HUMANEVAL_INSTRUCTION = "Complete the following Python function. Reply with code only.\n\n"
 
 REPO_SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_prompts"
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One prompt: either a plain ``text`` or a chat ``messages`` list, never both."""
-
-    id: str
-    text: str | None
-    messages: list[dict] | None
-
-    def as_messages(self) -> list[dict]:
-        """The prompt as a chat list (a plain text becomes one user turn)."""
-        if self.messages is not None:
-            return [dict(m) for m in self.messages]
-        return [{"role": "user", "content": self.text or ""}]
-
-    def as_text(self) -> str:
-        """The prompt as plain text (chat contents joined with newlines)."""
-        if self.text is not None:
-            return self.text
-        return "\n".join(str(m.get("content", "")) for m in (self.messages or []))
 
 
 @dataclass(frozen=True)
@@ -111,7 +87,7 @@ def load_prompts(
         name, prompts = _load_hf(spec, limit)
     else:
         path = _resolve_path(spec, search_dirs)
-        name, prompts = _stem(path), _load_file(path)
+        name, prompts = file_stem(path), read_prompt_file(path)
 
     _check_unique(prompts, spec)
     if limit is not None:
@@ -161,14 +137,14 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, chat: bool = True) -> list[int
             )
         except Exception as exc:  # template errors come in many types
             raise PromptError(
-                f"cannot apply the chat template to prompt {prompt.id}: {_reason(exc)}",
+                f"cannot apply the chat template to prompt {prompt.id}: {reason(exc)}",
                 hint="run without the chat template or fix the prompt's messages",
             ) from exc
     else:
         try:
             out = tokenizer(prompt.as_text(), add_special_tokens=True)
         except Exception as exc:
-            raise PromptError(f"cannot tokenize prompt {prompt.id}: {_reason(exc)}") from exc
+            raise PromptError(f"cannot tokenize prompt {prompt.id}: {reason(exc)}") from exc
     ids = _flat_ids(out)
     if not ids:
         raise PromptError(f"prompt {prompt.id} encodes to no tokens (give it some text)")
@@ -176,11 +152,6 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, chat: bool = True) -> list[int
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _flat_ids(out: Any) -> list[int]:
@@ -197,31 +168,14 @@ def _flat_ids(out: Any) -> list[int]:
     return [int(t) for t in out]
 
 
-def _ext(path: Path) -> str | None:
-    low = path.name.lower()
-    for ext in ACCEPTED_EXTENSIONS:
-        if low.endswith(ext):
-            return ext
-    return None
-
-
-def _stem(path: Path) -> str:
-    ext = _ext(path)
-    return path.name[: -len(ext)] if ext else path.stem
-
-
-def _accepted() -> str:
-    return ", ".join(ACCEPTED_EXTENSIONS)
-
-
 def _resolve_path(spec: str, search_dirs: list[Path] | None) -> Path:
     dirs = [Path(d) for d in search_dirs] if search_dirs is not None else default_search_dirs()
     path = Path(spec).expanduser()
     if path.is_file():
         return path
     if path.is_dir():
-        raise PromptError(f"prompts path is a directory, not a file: {spec} (give a {_accepted()} file)")
-    looks_like_path = "/" in spec or "\\" in spec or _ext(path) is not None or "." in spec
+        raise PromptError(f"prompts path is a directory, not a file: {spec} (give a {accepted()} file)")
+    looks_like_path = "/" in spec or "\\" in spec or file_ext(path) is not None or "." in spec
     if not looks_like_path:
         for d in dirs:
             cand = d / f"{spec}.jsonl"
@@ -239,181 +193,6 @@ def _resolve_path(spec: str, search_dirs: list[Path] | None) -> Path:
             if cand.is_file():
                 return cand
     raise PromptError(f"prompts file not found: {spec} (check the path)")
-
-
-def _read_text(path: Path, gz: bool = False) -> str:
-    try:
-        if gz:
-            with gzip.open(path, "rt", encoding="utf-8") as fh:
-                return fh.read()
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise PromptError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from exc
-    except (OSError, EOFError) as exc:
-        raise PromptError(f"cannot read prompts file {path}: {_reason(exc)}") from exc
-
-
-def _load_file(path: Path) -> list[Prompt]:
-    ext = _ext(path)
-    set_name = _stem(path)
-    if ext in (".jsonl", ".jsonl.gz"):
-        return _load_jsonl(path, set_name, gz=ext == ".jsonl.gz")
-    if ext == ".json":
-        return _load_json(path, set_name)
-    if ext == ".csv":
-        return _load_csv(path, set_name)
-    if ext == ".parquet":
-        return _load_parquet(path, set_name)
-    if ext == ".txt":
-        text = _read_text(path)
-        lines = [ln.strip() for ln in text.splitlines()]
-        return [
-            Prompt(id=f"{set_name}-{i:04d}", text=ln, messages=None)
-            for i, ln in enumerate(ln for ln in lines if ln)
-        ]
-    raise PromptError(
-        f"unsupported prompts file type: {path} (accepted: {_accepted()})"
-    )
-
-
-def _load_jsonl(path: Path, set_name: str, gz: bool) -> list[Prompt]:
-    prompts: list[Prompt] = []
-    for lineno, line in enumerate(_read_text(path, gz=gz).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PromptError(
-                f"{where}: malformed JSON ({json_error_text(exc, with_line=False)}); "
-                "each line must be one JSON object"
-            ) from exc
-        prompts.append(_record(rec, where, set_name, len(prompts)))
-    return prompts
-
-
-def _load_json(path: Path, set_name: str) -> list[Prompt]:
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise PromptError(
-            f"{path}: line {exc.lineno}: malformed JSON ({json_error_text(exc, with_line=False)})"
-        ) from exc
-    if isinstance(data, dict) and isinstance(data.get("prompts"), list):
-        data = data["prompts"]
-    if not isinstance(data, list):
-        raise PromptError(
-            f"{path}: expected a JSON list of prompt objects or an object with a list under \"prompts\""
-        )
-    return [_record(rec, f"{path}: record {i + 1}", set_name, i) for i, rec in enumerate(data)]
-
-
-def _load_csv(path: Path, set_name: str) -> list[Prompt]:
-    text = _read_text(path)
-    try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        fields = [f.strip() for f in (reader.fieldnames or [])]
-        reader.fieldnames = fields
-        if "prompt" not in fields and "messages" not in fields:
-            raise PromptError(
-                f"{path}: no 'prompt' column (columns: {', '.join(fields) or 'none'}); "
-                "add a header row with a 'prompt' column"
-            )
-        prompts: list[Prompt] = []
-        for row in reader:
-            rec: dict[str, Any] = {}
-            for key in ("id", "prompt", "messages"):
-                val = row.get(key)
-                if val not in (None, ""):
-                    rec[key] = val
-            if isinstance(rec.get("messages"), str):
-                rec["messages"] = _json_field(rec["messages"], f"{path}: line {reader.line_num}")
-            if not rec.get("prompt") and "messages" not in rec and "prompt" in fields:
-                rec.setdefault("prompt", row.get("prompt") or "")
-            prompts.append(_record(rec, f"{path}: line {reader.line_num}", set_name, len(prompts)))
-    except csv.Error as exc:
-        raise PromptError(f"{path}: malformed CSV ({exc})") from exc
-    return prompts
-
-
-def _load_parquet(path: Path, set_name: str) -> list[Prompt]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for bad files
-        raise PromptError(f"cannot read parquet prompts file {path}: {_reason(exc)}") from exc
-    cols = table.column_names
-    if "prompt" not in cols and "messages" not in cols:
-        raise PromptError(
-            f"{path}: no 'prompt' column (columns: {', '.join(cols) or 'none'}); "
-            "add a 'prompt' string column"
-        )
-    keep = [c for c in ("id", "prompt", "messages") if c in cols]
-    prompts: list[Prompt] = []
-    for i, row in enumerate(table.select(keep).to_pylist()):
-        where = f"{path}: row {i + 1}"
-        rec = {k: v for k, v in row.items() if v is not None}
-        if isinstance(rec.get("messages"), str):
-            rec["messages"] = _json_field(rec["messages"], where)
-        prompts.append(_record(rec, where, set_name, i))
-    return prompts
-
-
-def _json_field(value: str, where: str) -> Any:
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise PromptError(f"{where}: field 'messages' is not valid JSON ({json_error_text(exc, with_line=False)})") from exc
-
-
-def _record(rec: Any, where: str, set_name: str, index: int) -> Prompt:
-    """Validate one record and turn it into a Prompt; ``where`` names file and line."""
-    if not isinstance(rec, dict):
-        raise PromptError(f"{where}: expected a JSON object with 'prompt' or 'messages', got {type(rec).__name__}")
-
-    raw_id = rec.get("id")
-    if raw_id is None:
-        pid = f"{set_name}-{index:04d}"
-    elif isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
-        raise PromptError(f"{where}: field 'id' must be a string or an integer, got {type(raw_id).__name__}")
-    else:
-        pid = str(raw_id).strip()
-        if not pid:
-            raise PromptError(f"{where}: field 'id' is empty (give a non-empty id or leave it out)")
-
-    messages = rec.get("messages")
-    if messages is not None:
-        return Prompt(id=pid, text=None, messages=_check_messages(messages, where))
-
-    if "prompt" not in rec:
-        raise PromptError(f"{where}: record has no 'prompt' or 'messages' field (add one)")
-    text = rec["prompt"]
-    if not isinstance(text, str):
-        raise PromptError(f"{where}: field 'prompt' must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise PromptError(f"{where}: field 'prompt' is empty (give it some text)")
-    return Prompt(id=pid, text=text, messages=None)
-
-
-def _check_messages(messages: Any, where: str) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise PromptError(
-            f"{where}: field 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects"
-        )
-    out: list[dict] = []
-    for j, m in enumerate(messages):
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
-            raise PromptError(
-                f"{where}: messages[{j}] must be an object with string 'role' and 'content'"
-            )
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
 
 
 def _check_unique(prompts: list[Prompt], spec: str) -> None:
@@ -450,7 +229,7 @@ def _load_humaneval() -> list[Prompt]:
     try:
         text = gzip.decompress(data).decode("utf-8")
     except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise PromptError(f"cannot read the HumanEval data file: {_reason(exc)}") from exc
+        raise PromptError(f"cannot read the HumanEval data file: {reason(exc)}") from exc
     prompts: list[Prompt] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -459,7 +238,7 @@ def _load_humaneval() -> list[Prompt]:
             rec = json.loads(line)
             pid, body = rec["task_id"], rec["prompt"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise PromptError(f"HumanEval.jsonl.gz: line {lineno}: unreadable record ({_reason(exc)})") from exc
+            raise PromptError(f"HumanEval.jsonl.gz: line {lineno}: unreadable record ({reason(exc)})") from exc
         prompts.append(Prompt(id=str(pid), text=HUMANEVAL_INSTRUCTION + body, messages=None))
     return prompts
 
@@ -495,11 +274,11 @@ def _load_hf(spec: str, limit: int | None) -> tuple[str, list[Prompt]]:
     if ds is None and why:
         raise HubDatasetUnavailableError(
             f"cannot load hf dataset {dataset}: {why}, and it is not in the local Hugging Face cache"
-            + (f" ({_reason(last)})" if last else ""),
+            + (f" ({reason(last)})" if last else ""),
             what=f"hf:{dataset}", offline=hub.offline_requested() is not None)
     if ds is None:
         raise PromptError(
-            f"cannot load hf dataset {dataset} (split {'/'.join(tried)}): {_reason(last) if last else 'unknown error'}"
+            f"cannot load hf dataset {dataset} (split {'/'.join(tried)}): {reason(last) if last else 'unknown error'}"
         )
 
     cols = list(getattr(ds, "column_names", None) or [])
@@ -531,5 +310,5 @@ def _load_hf(spec: str, limit: int | None) -> tuple[str, list[Prompt]]:
             rec["messages"] = value
         else:
             rec["prompt"] = value
-        prompts.append(_record(rec, f"{where} (column {column!r})", name, i))
+        prompts.append(record(rec, f"{where} (column {column!r})", name, i))
     return name, prompts
