@@ -121,80 +121,82 @@ def render_kv(run) -> None:
     console.out.print(f"[bold]verdict:[/] {escape(run.summary['verdict'])}")
 
 
+@guarded
+@options.takes(options.STACK, TAIL)
+def ops_cmd(
+    rows: str = typer.Option(None, "--rows", help="Comma-separated row counts M to probe (default: 1 to 256, "
+                                                 "around the thresholds CPU and GPU kernels switch at)."),
+    kv_len: int = typer.Option(48, "--kv-len", help="K/V cache length of the attention probes."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random probe inputs."),
+    **shared,
+) -> None:
+    """Probe every op (Linear shapes, RMSNorm, rotary, sdpa) for bit-identity to batch 1 as M grows."""
+    from ..diagnose.run import DEFAULT_ROWS, OpsConfig, parse_rows, run_ops
+
+    o = options.Shared(shared)
+    config = OpsConfig(model=o.model, dtype=o.dtype, device=o.device, rows=parse_rows(rows) if rows is not None else DEFAULT_ROWS,
+                       seed=seed,
+                       kv_len=kv_len, attn_implementation=o.attn, threads=o.threads)
+    _run_and_render(config, run_ops, render_ops, o.json_out)
+
+
+@guarded
+@options.takes(options.STACK, CHAT, TAIL)
+def prompt_cmd(
+    prompt: str = typer.Argument(..., help="A prompt id of --prompts, or the text of a prompt."),
+    prompts: str = typer.Option("chat", "--prompts", help="Prompt set to take the prompt and the fillers from."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Rows of the batch (the prompt and fillers)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate (steps incl. prefill)."),
+    row: int = typer.Option(0, "--row", help="Row of the batch that holds the prompt."),
+    exact: bool = typer.Option(False, "--exact", help="Batch of copies of the prompt: equal lengths, no padding."),
+    **shared,
+) -> None:
+    """Per step, the first layer and block (attention/MLP) where the batched row leaves solo."""
+    from ..diagnose.run import PromptConfig, run_prompt
+
+    o = options.Shared(shared)
+    config = PromptConfig(prompt=prompt, prompts=prompts, model=o.model, dtype=o.dtype, device=o.device,
+                          batch_size=batch_size, max_new_tokens=max_new_tokens, row=row, exact=exact,
+                          chat=not o.no_chat, attn_implementation=o.attn, threads=o.threads)
+    _run_and_render(config, run_prompt, render_prompt, o.json_out)
+
+
+@guarded
+@options.takes(options.STACK, CHAT, TAIL)
+def kv_cmd(
+    prompts: str = options.PROMPTS_ARG,
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for kv.parquet and kv.png."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Rows of each batch."),
+    max_new_tokens: int = options.MAX_NEW,
+    limit: int = typer.Option(None, "--limit", help="Probe only the first N prompts (fillers still come from "
+                                                    "the whole set)."),
+    flips: int = typer.Option(3, "--flips", help="Stop after this many prompts with an argmax flip."),
+    plot: Path = typer.Option(None, "--plot", help="Where to write the PNG (default OUT/kv.png)."),
+    **shared,
+) -> None:
+    """Solo vs batched K/V caches per layer and step, until argmax flips are found; slope of the drift."""
+    from ..diagnose.run import KvConfig, run_kv
+
+    o = options.Shared(shared)
+    config = KvConfig(prompts=prompts, out=out, model=o.model, dtype=o.dtype, device=o.device,
+                      batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, flips=flips, plot=plot,
+                      chat=not o.no_chat, attn_implementation=o.attn, threads=o.threads)
+    config.validate()
+
+    def on_prompt(r: Any) -> None:
+        console.err.print(escape(f"{r.prompt_id}: {r.verdict}"))
+
+    run = run_kv(config, log=_log, on_prompt=on_prompt)
+    if o.json_out:
+        console.print_json(run.summary)
+    else:
+        render_kv(run)
+
+
 def register(app: typer.Typer) -> None:
     sub = typer.Typer(name="diagnose", no_args_is_help=True,
                       help="Find which kernel makes the stack batch-variant: op probe, layer locator, K/V drift.")
-
-    @sub.command("ops")
-    @guarded
-    @options.takes(options.STACK, TAIL)
-    def ops_cmd(
-        rows: str = typer.Option(None, "--rows", help="Comma-separated row counts M to probe (default: 1 to 256, "
-                                                     "around the thresholds CPU and GPU kernels switch at)."),
-        kv_len: int = typer.Option(48, "--kv-len", help="K/V cache length of the attention probes."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the random probe inputs."),
-        **shared,
-    ) -> None:
-        """Probe every op (Linear shapes, RMSNorm, rotary, sdpa) for bit-identity to batch 1 as M grows."""
-        from ..diagnose.run import DEFAULT_ROWS, OpsConfig, parse_rows, run_ops
-
-        o = options.Shared(shared)
-        config = OpsConfig(model=o.model, dtype=o.dtype, device=o.device, rows=parse_rows(rows) if rows is not None else DEFAULT_ROWS,
-                           seed=seed,
-                           kv_len=kv_len, attn_implementation=o.attn, threads=o.threads)
-        _run_and_render(config, run_ops, render_ops, o.json_out)
-
-    @sub.command("prompt")
-    @guarded
-    @options.takes(options.STACK, CHAT, TAIL)
-    def prompt_cmd(
-        prompt: str = typer.Argument(..., help="A prompt id of --prompts, or the text of a prompt."),
-        prompts: str = typer.Option("chat", "--prompts", help="Prompt set to take the prompt and the fillers from."),
-        batch_size: int = typer.Option(8, "--batch-size", "-b", help="Rows of the batch (the prompt and fillers)."),
-        max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate (steps incl. prefill)."),
-        row: int = typer.Option(0, "--row", help="Row of the batch that holds the prompt."),
-        exact: bool = typer.Option(False, "--exact", help="Batch of copies of the prompt: equal lengths, no padding."),
-        **shared,
-    ) -> None:
-        """Per step, the first layer and block (attention/MLP) where the batched row leaves solo."""
-        from ..diagnose.run import PromptConfig, run_prompt
-
-        o = options.Shared(shared)
-        config = PromptConfig(prompt=prompt, prompts=prompts, model=o.model, dtype=o.dtype, device=o.device,
-                              batch_size=batch_size, max_new_tokens=max_new_tokens, row=row, exact=exact,
-                              chat=not o.no_chat, attn_implementation=o.attn, threads=o.threads)
-        _run_and_render(config, run_prompt, render_prompt, o.json_out)
-
-    @sub.command("kv")
-    @guarded
-    @options.takes(options.STACK, CHAT, TAIL)
-    def kv_cmd(
-        prompts: str = options.PROMPTS_ARG,
-        out: Path = typer.Option(..., "--out", "-o", help="Directory for kv.parquet and kv.png."),
-        batch_size: int = typer.Option(8, "--batch-size", "-b", help="Rows of each batch."),
-        max_new_tokens: int = options.MAX_NEW,
-        limit: int = typer.Option(None, "--limit", help="Probe only the first N prompts (fillers still come from "
-                                                        "the whole set)."),
-        flips: int = typer.Option(3, "--flips", help="Stop after this many prompts with an argmax flip."),
-        plot: Path = typer.Option(None, "--plot", help="Where to write the PNG (default OUT/kv.png)."),
-        **shared,
-    ) -> None:
-        """Solo vs batched K/V caches per layer and step, until argmax flips are found; slope of the drift."""
-        from ..diagnose.run import KvConfig, run_kv
-
-        o = options.Shared(shared)
-        config = KvConfig(prompts=prompts, out=out, model=o.model, dtype=o.dtype, device=o.device,
-                          batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, flips=flips, plot=plot,
-                          chat=not o.no_chat, attn_implementation=o.attn, threads=o.threads)
-        config.validate()
-
-        def on_prompt(r: Any) -> None:
-            console.err.print(escape(f"{r.prompt_id}: {r.verdict}"))
-
-        run = run_kv(config, log=_log, on_prompt=on_prompt)
-        if o.json_out:
-            console.print_json(run.summary)
-        else:
-            render_kv(run)
-
     app.add_typer(sub, name="diagnose")
+    sub.command("ops")(ops_cmd)
+    sub.command("prompt")(prompt_cmd)
+    sub.command("kv")(kv_cmd)

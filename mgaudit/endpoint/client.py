@@ -156,6 +156,27 @@ class EndpointClient:
 
     async def identify(self) -> ServerInfo:
         """Is the server there; which model; what engine. Raises EndpointError within a few seconds."""
+        r = await self._models()
+        models = r.json()
+        data = models.get("data") if isinstance(models, dict) else None
+        entries = [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+        first = entries[0] if entries else {}
+        meta = first.get("meta") if isinstance(first.get("meta"), dict) else {}
+        fp: dict[str, Any] = {
+            "base_url": self.base_url,
+            "models": _slim(models),
+            "headers": _engine_headers(dict(r.headers)),
+            "api_key": f"from ${self.api_key_env}" if self.api_key_env else None,
+        }
+        info = ServerInfo(self.base_url, self.root_url, entries[0].get("id") if entries else None, "unknown", fp,
+                          vocab_size=_int(meta.get("n_vocab")), context=_int(first.get("max_model_len")))
+        if not await self._llama_cpp(info):
+            await self._other_engines(info)
+        fp["engine"] = info.engine
+        return info
+
+    async def _models(self):
+        """GET /models, with one-line errors for the ways it fails."""
         import httpx
 
         url = f"{self.base_url}/models"
@@ -178,57 +199,39 @@ class EndpointClient:
         if r.status_code >= 400:
             raise EndpointError(f"GET {url}: HTTP {r.status_code}: {_short(r.text)}")
         try:
-            models = r.json()
+            r.json()
         except ValueError:
             raise EndpointError(f"GET {url} did not return JSON",
                                 hint="give the base URL of an OpenAI-compatible server") from None
-        data = models.get("data") if isinstance(models, dict) else None
-        entries = [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
-        model_ids = [m.get("id") for m in entries]
-        first = entries[0] if entries else {}
-        meta = first.get("meta") if isinstance(first.get("meta"), dict) else {}
-        vocab = meta.get("n_vocab")
-        context = first.get("max_model_len")
-        fp: dict[str, Any] = {
-            "base_url": self.base_url,
-            "models": _slim(models),
-            "headers": _engine_headers(dict(r.headers)),
-            "api_key": f"from ${self.api_key_env}" if self.api_key_env else None,
-        }
-        engine = "unknown"
-        slots = None
-        cache_prompt = False
+        return r
+
+    async def _llama_cpp(self, info: ServerInfo) -> bool:
+        """llama.cpp's ``/props``: slots, build, context per slot, the prompt-cache switch."""
         st, props, h = await self._get_json(f"{self.root_url}/props")
-        if st == 200 and isinstance(props, dict) and ("build_info" in props or "total_slots" in props):
-            engine = "llama.cpp"
-            slots = props.get("total_slots")
-            cache_prompt = True
-            dgs = props.get("default_generation_settings") or {}
-            context = dgs.get("n_ctx") or context
-            fp["props"] = {
-                "build_info": props.get("build_info"),
-                "total_slots": slots,
-                "model_path": props.get("model_path"),
-                "n_ctx": dgs.get("n_ctx"),
-                "chat_template_sha256": hashlib.sha256(str(props.get("chat_template", "")).encode()).hexdigest()
-                if props.get("chat_template") else None,
-                "modalities": props.get("modalities"),
-            }
-            fp["headers"].update(_engine_headers(h))
-        else:
-            for path, name in (("/version", "vllm"), ("/info", "tgi"), ("/get_server_info", "sglang")):
-                st, body, h = await self._get_json(f"{self.root_url}{path}", timeout=2.0)
-                if st == 200 and isinstance(body, dict):
-                    fp[path.strip("/")] = _slim(body)
-                    fp["headers"].update(_engine_headers(h))
-                    if engine == "unknown":
-                        engine = name
-                        if name == "tgi" and "model_id" not in body:
-                            engine = "unknown"
-        fp["engine"] = engine
-        return ServerInfo(self.base_url, self.root_url, model_ids[0] if model_ids else None, engine, fp,
-                          slots if isinstance(slots, int) else None, cache_prompt,
-                          vocab if isinstance(vocab, int) else None, context if isinstance(context, int) else None)
+        if not (st == 200 and isinstance(props, dict) and ("build_info" in props or "total_slots" in props)):
+            return False
+        dgs = props.get("default_generation_settings") or {}
+        info.engine, info.slots, info.supports_cache_prompt = "llama.cpp", _int(props.get("total_slots")), True
+        info.context = _int(dgs.get("n_ctx")) or info.context
+        template = props.get("chat_template")
+        info.fingerprint["props"] = {
+            "build_info": props.get("build_info"), "total_slots": props.get("total_slots"),
+            "model_path": props.get("model_path"), "n_ctx": dgs.get("n_ctx"),
+            "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest() if template else None,
+            "modalities": props.get("modalities"),
+        }
+        info.fingerprint["headers"].update(_engine_headers(h))
+        return True
+
+    async def _other_engines(self, info: ServerInfo) -> None:
+        """vLLM's ``/version``, TGI's ``/info``, SGLang's ``/get_server_info``: the first that answers names it."""
+        for path, name in (("/version", "vllm"), ("/info", "tgi"), ("/get_server_info", "sglang")):
+            st, body, h = await self._get_json(f"{self.root_url}{path}", timeout=2.0)
+            if st == 200 and isinstance(body, dict):
+                info.fingerprint[path.strip("/")] = _slim(body)
+                info.fingerprint["headers"].update(_engine_headers(h))
+                if info.engine == "unknown" and (name != "tgi" or "model_id" in body):
+                    info.engine = name
 
     async def tokenize(self, text: str) -> list[int] | None:
         """The server's token ids of ``text`` without special tokens (llama.cpp's and vLLM's
@@ -303,6 +306,10 @@ class EndpointClient:
         return Completion(ids, t1, t2, ru, text, choice.get("finish_reason"), seconds, attempts,
                           details.get("cached_tokens") if isinstance(details, dict) else None,
                           usage.get("prompt_tokens"), started, token_pieces(choice))
+
+
+def _int(x: Any) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
 
 
 def _engine_headers(headers: dict[str, str]) -> dict[str, str]:
