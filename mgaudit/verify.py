@@ -152,7 +152,10 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
             from .decoding.architectures import check_supported
 
             check_supported(cand.lm.model, policy.name)  # refuse an architecture before any decoding (exit 2)
-        mismatches = check_gate_stack(threshold, cand.stack()["model"], config.strict, log)
+        # a gate gates the local model's policy: it must come from that stack (for a server, tau only
+        # classifies differences, and the report says where it came from)
+        mismatches = check_gate_stack(threshold, cand.stack()["model"], config.strict, log) \
+            if cand.kind == "local" else None
         vocabulary = pair.check_vocabularies()
         context = (pair.reference if pair.reference.kind == "local" else cand).context()
         requests, skipped = build_requests(prompt_set, pair.tokenizer(), settings, context, config.skip_long, log)
