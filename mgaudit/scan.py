@@ -116,7 +116,8 @@ def cap_batch_sizes(sizes: list[int], n: int) -> tuple[list[int], list[int]]:
 
 def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = None, loaded=None) -> ScanResult:
     """Run the scan described by ``config``; return the summary. See the module doc."""
-    from .audit.backend import build_requests, open_pair
+    from .audit.backend import build_requests
+    from .audit.pair import open_pair
     from .audit.steps import Settings
     from .audit.tracedir import TraceDir
     from .prompts import load_prompts

@@ -136,7 +136,8 @@ def check_gate_stack(threshold, run_model: dict[str, Any], strict: bool, log) ->
 def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | None = None,
            loaded=None) -> VerifyReport:
     """Decode the reference and the candidate, compare them; return the :class:`VerifyReport`."""
-    from .audit.backend import build_requests, open_pair
+    from .audit.backend import build_requests
+    from .audit.pair import open_pair
     from .audit.steps import Settings
     from .prompts import load_prompts
 

@@ -17,9 +17,8 @@ import signal
 import threading
 from typing import Any, Callable
 
-import typer
 
-from .console import print_json, say
+from .console import fail
 from ..errors import (EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGTERM, ContextLengthError, HubUnavailableError,
                       MgauditError, ResourceError, Terminated)
 from .clihelp import CLICK_FLOW
@@ -83,14 +82,6 @@ def as_flags(text: str) -> str:
         return name if name in flags else m.group(1).replace("_", " ")
 
     return _PARAM.sub(flag, text)
-
-
-def fail(line: str, code: int, as_json: bool) -> None:
-    """Report an error (one line on stderr; ``{"error", "exit_code"}`` on stdout under --json) and exit."""
-    say(line)
-    if as_json:
-        print_json({"error": line, "exit_code": code})
-    raise typer.Exit(code)
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:

@@ -109,7 +109,7 @@ class MgauditGroup(TyperGroup):
         except NO_ARGS_IS_HELP:
             raise
         except USAGE_ERRORS as exc:
-            from .boundary import fail
+            from .console import fail
 
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
             message = " ".join(exc.format_message().split()).rstrip(".")

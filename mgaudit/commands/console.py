@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -45,6 +46,14 @@ def _clock(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def fail(line: str, code: int, as_json: bool) -> None:
+    """Report an error (one line on stderr; ``{"error", "exit_code"}`` on stdout under --json) and exit."""
+    say(line)
+    if as_json:
+        print_json({"error": line, "exit_code": code})
+    raise typer.Exit(code)
 
 
 def say(message: str) -> None:
