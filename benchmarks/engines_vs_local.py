@@ -106,18 +106,14 @@ def main(argv=None) -> None:
                 rep.write(args.out / f"report-{name}-{n}.json")
                 s, tf, sev = rep["summary"], rep["summary"]["teacher_forced"], rep["summary"]["severity"]
                 flips = [d for d in rep["differences"] if d["kind"] == "flip"]
-                margins = [d["reference_margin"] for d in flips if d.get("reference_margin") is not None]
-                # why rounding cannot explain them: the reference was sure (margin >= tau), or the candidate took
-                # a token the reference did not rank second
-                why = {"margin": sum(">= tau" in (d.get("reason") or "") for d in flips),
-                       "rank": sum("rank second" in (d.get("reason") or "") for d in flips)}
+                gaps = [d["reference_gap"] for d in flips if d.get("reference_gap") is not None]
                 row = {"set": name, "in_flight": n, "sequences": s["sequences"], "identical": s["identical"],
                        "forced_steps": tf["steps"], "flips": tf["flips"], "flip_rate": tf["flip_rate"],
                        "scored_to_the_end": tf["available"], "route": tf["route"],
                        "requests_per_sequence": tf.get("requests_per_sequence"),
                        "within_noise": sev["counts"]["within_noise"], "anomalous": sev["counts"]["anomalous"],
-                       "within_noise_share": sev["within_noise"], "worst_reference_margin": max(margins, default=None),
-                       "anomalous_why": why,
+                       "unknown": sev["counts"]["unknown"], "within_noise_share": sev["within_noise"],
+                       "largest_reference_gap": max(gaps, default=None),
                        "first_divergences": s["severity"]["first_divergences"], "seconds": time.perf_counter() - t0}
                 rows.append(row)
                 log(json.dumps(row))
@@ -133,19 +129,18 @@ def main(argv=None) -> None:
              f"{args.limit} prompts a set, {args.max_new_tokens} tokens",
              "",
              "| set | in flight | identical to local solo | teacher-forced flips / steps | flips within noise "
-             "(95 % CI) | anomalous (margin >= tau / not the runner-up) | largest reference margin at a flip | "
-             "scoring |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "(95 % CI) | anomalous | unknown | largest reference gap at a flip | scoring |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         share = r["within_noise_share"]
         ci = share["ci95"]
         share_txt = "-" if share["rate"] is None else \
             f"{100 * share['rate']:.0f}% [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
-        worst = "-" if r["worst_reference_margin"] is None else f"{r['worst_reference_margin']:.3g}"
+        worst = "-" if r["largest_reference_gap"] is None else f"{r['largest_reference_gap']:.3g}"
         rps = r["requests_per_sequence"]
         lines.append(f"| {r['set']} | {r['in_flight']} | {r['identical']}/{r['sequences']} | {r['flips']} / "
-                     f"{r['forced_steps']} ({100 * r['flip_rate']:.2f}%) | {share_txt} | {r['anomalous']} "
-                     f"({r['anomalous_why']['margin']} / {r['anomalous_why']['rank']}) | {worst} | "
+                     f"{r['forced_steps']} ({100 * r['flip_rate']:.2f}%) | {share_txt} | {r['anomalous']} | "
+                     f"{r['unknown']} | {worst} | "
                      f"{r['route']}{'' if rps is None else f', {rps:.2f} req/seq'} |")
     (args.out / "result.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

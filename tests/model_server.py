@@ -69,10 +69,11 @@ class ModelServer(CompletionServer):
 
     @staticmethod
     def _top2(logits) -> list[tuple[int, float]]:
+        """The best tokens and their logprobs, as many as a request asks for at most (5)."""
         import torch
 
         lp = torch.log_softmax(logits.float(), dim=-1)
-        top = torch.topk(lp, 2)
+        top = torch.topk(lp, 5)
         return [(int(i), float(v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
 
     def score(self, ids: list[int]) -> list:
@@ -87,7 +88,7 @@ class ModelServer(CompletionServer):
         for j in range(1, len(ids)):
             row = lp[j - 1]
             order = torch.argsort(row, descending=True)
-            ranks = {int(order[0]): 1, int(order[1]): 2}
+            ranks = {int(order[r]): r + 1 for r in range(int(min(5, len(order))))}
             e = {str(t): {"logprob": float(row[t]), "rank": r, "decoded_token": ""} for t, r in ranks.items()}
             actual = ids[j]
             if str(actual) not in e:
@@ -110,8 +111,9 @@ class ModelServer(CompletionServer):
             ids = tok(body.get("prompt", ""), add_special_tokens=True)["input_ids"]
         n = int(body.get("max_tokens", 16))
         steps = self.decode(ids, n, loaded)
+        k = int(body.get("top_logprobs") or body.get("logprobs") or 2)
         content = [{"id": t, "token": tok.decode([t]), "logprob": dict(top).get(t, top[0][1]),
-                    "top_logprobs": [{"id": i, "token": tok.decode([i]), "logprob": v} for i, v in top]}
+                    "top_logprobs": [{"id": i, "token": tok.decode([i]), "logprob": v} for i, v in top[:k]]}
                    for t, top in steps]
         finish = "length" if len(steps) >= n else "stop"
         choice = {"index": 0, "finish_reason": finish, "logprobs": {"content": content}}

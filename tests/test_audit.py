@@ -151,9 +151,8 @@ def test_near_tie_departures_are_within_noise_exit_1(server, tiny_model_dir, pro
     counts = rep["summary"]["severity"]["counts"]
     assert counts["anomalous"] == 0 and counts["within_noise"] > 0
     for d in rep["differences"]:
-        assert d["severity"] == "within_noise" and d["reference_margin"] < 1.0
+        assert d["severity"] == "within_noise" and d["reference_gap"] < 1.0 and d["reference_gap_exact"]
         assert d["reference_margin"] is not None and d["candidate_margin"] is not None
-        assert d["candidate_token"] == d["reference_runner_up"]
     tf = rep["summary"]["teacher_forced"]
     assert tf["available"] and tf["flips"] >= len([r for r in rep["sequences"] if not r["identical"]])
     if server.engine == "vllm":  # one scoring request per diverged sequence
@@ -172,10 +171,9 @@ def test_a_confident_departure_is_anomalous_exit_4(server, tiny_model_dir, promp
     assert res.exit_code == 4, (res.output, stderr_of(res))
     rep = json.loads(res.stdout)
     anomalous = [d for d in rep["differences"] if d["severity"] == "anomalous"]
-    assert anomalous and all(d["reference_margin"] >= 1.0 or d["candidate_token"] != d["reference_runner_up"]
-                             for d in anomalous)
+    assert anomalous and all(d["reference_gap"] >= 1.0 for d in anomalous)
     worst = rep["summary"]["severity"]["worst"][0]
-    assert worst["reference_margin"] == max(d["reference_margin"] for d in rep["differences"])
+    assert worst["reference_gap"] == max(d["reference_gap"] for d in rep["differences"] if d["kind"] == "flip")
     assert rep["summary"]["severity"]["tau_source"] == {"from": "threshold", "value": 1.0}
     res = _verify(_cross(server, tiny_model_dir), prompts_file, "-b", "4", "--threshold", "1.0",
                   "--fail-on", "anomalous")
@@ -247,19 +245,27 @@ def test_the_reference_is_decoded_once(model_server, tiny_model_dir, prompts_fil
 
 def test_severity_classification() -> None:
     from mgaudit.audit.severity import ANOMALOUS, UNKNOWN, WITHIN_NOISE, Threshold, summarize
+    from mgaudit.audit.steps import Steps
 
     t = Threshold(0.5)
-    assert t.classify(0.25, 7, 3, 7)[0] == WITHIN_NOISE
-    assert t.classify(0.5, 7, 3, 7)[0] == ANOMALOUS  # at tau: the gate would not have verified it
-    assert t.classify(0.25, 7, 3, 9)[0] == ANOMALOUS  # not even the reference's second choice
-    assert t.classify(0.25, 7, 3, -1)[0] == ANOMALOUS  # one run stopped
-    assert t.classify(None, 7, 3, 7)[0] == UNKNOWN
+    # the reference took 3 at 10.0; 7 is its runner-up at 9.75, 9 its third choice at 9.6, 11 fourth at 9.0
+    ref = Steps([3], [10.0], [9.75], [7], alternatives=[[(3, 10.0), (7, 9.75), (9, 9.6), (11, 9.0)]])
+    assert t.classify(ref, 0, 7)[:2] == (WITHIN_NOISE, "reference gap 0.25 < tau 0.5")
+    assert t.classify(ref, 0, 9)[0] == WITHIN_NOISE  # the third choice, 0.4 below: rounding can do that too
+    assert t.classify(ref, 0, 11)[0] == ANOMALOUS  # 1.0 below: it cannot
+    assert t.classify(ref, 0, 42)[0] == ANOMALOUS  # not listed, so at least 1.0 below
+    assert t.classify(ref, 0, -1)[0] == ANOMALOUS  # the candidate stopped
+    near = Steps([3], [10.0], [9.9], [7], alternatives=[[(3, 10.0), (7, 9.9)]])
+    assert t.classify(near, 0, 42)[0] == UNKNOWN  # not listed, and what is listed lies within tau
+    at_tau = Steps([3], [10.0], [9.5], [7])  # no alternatives: the runner-up's gap is the margin
+    assert t.classify(at_tau, 0, 7)[0] == ANOMALOUS  # at tau: the gate would not have verified it
+    assert t.classify(Steps([3], [float("nan")], [float("nan")], [-1]), 0, 7)[0] == UNKNOWN  # no logprobs
     diffs = [{"prompt_id": "a", "step": 1, "severity": WITHIN_NOISE, "reference_margin": 0.1},
              {"prompt_id": "b", "step": 2, "severity": ANOMALOUS, "reference_margin": 3.0}]
     s = summarize(diffs, t)
     assert s["counts"][WITHIN_NOISE] == 1 and s["counts"][ANOMALOUS] == 1
     assert s["worst"][0]["prompt_id"] == "b" and s["anomalous"]["ci95"][0] < 0.5 < s["anomalous"]["ci95"][1]
-    assert sum(h["count"] for h in s["reference_margin_histogram"]) == 2
+    assert sum(h["count"] for h in s["reference_gap_histogram"]) == 2
 
 
 def test_prompt_logprobs_are_read_as_vllm_sends_them() -> None:

@@ -49,8 +49,9 @@ def test_parse_llama_cpp_content_shape():
         {"id": 30, "token": ".", "logprob": -0.5,
          "top_logprobs": [{"id": 30, "token": ".", "logprob": -0.5}]},  # only one candidate
     ]}}
-    ids, t1, t2, ru = parse_choice(choice, False, TokenMap(None), None)
+    ids, t1, t2, ru, alts = parse_choice(choice, False, TokenMap(None), None)
     assert ids == [7042, 30] and ru == [260, -1]
+    assert alts[0] == [(7042, -0.25), (260, -2.75)] and alts[1] == [(30, -0.5)]
     assert t1[0] - t2[0] == 2.5 and math.isnan(t2[1])
 
 
@@ -60,7 +61,7 @@ def test_parse_legacy_shape_without_ids_maps_strings():
     tm = TokenMap(None)
     choice = {"logprobs": {"tokens": ["a", "b"], "token_logprobs": [-0.1, -0.2],
                            "top_logprobs": [{"a": -0.1, "c": -1.1}, {"b": -0.2, "token_id:5": -0.3}]}}
-    ids, t1, t2, ru = parse_choice(choice, False, tm, None)
+    ids, t1, t2, ru, _ = parse_choice(choice, False, tm, None)
     assert ids[0] >= LABEL_BASE and ids[1] >= LABEL_BASE and ids[0] != ids[1]
     assert ru[1] == 5  # vLLM's token_id:N strings are ids
     assert abs((t1[0] - t2[0]) - 1.0) < 1e-12
@@ -72,7 +73,8 @@ def test_no_logprobs_names_the_field():
 
     with pytest.raises(NoLogprobsError, match=r"choices\[0\]\.logprobs"):
         parse_choice({"text": "hi", "logprobs": None}, False, TokenMap(None), None)
-    ids, t1, _, _ = parse_choice({"text": "hi", "logprobs": None}, True, TokenMap(None), None)
+    ids, t1, _, _, alts = parse_choice({"text": "hi", "logprobs": None}, True, TokenMap(None), None)
+    assert alts is None
     assert ids == list(b"hi") and all(math.isnan(x) for x in t1)
 
 

@@ -210,6 +210,7 @@ def test_cli_severity_of_the_flip(prompts_file, tiny_model_dir, monkeypatch, tau
     report = json.loads(result.stdout)
     d = report["sequences"][0]["divergence"]
     assert d["severity"] == severity and d["candidate_token"] == d["reference_runner_up"]
+    assert d["reference_gap_exact"] and d["reference_gap"] == pytest.approx(d["reference_margin"])
     assert report["summary"]["severity"]["first_divergences"][severity] == 1
 
 

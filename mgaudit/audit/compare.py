@@ -40,17 +40,18 @@ def difference(req: Request, reference: Steps, candidate: Steps, t: int, kind: s
     """One step where the candidate's token differs from the reference's."""
     ref_tok = reference.tokens[t] if t < len(reference) else -1
     cand_tok = candidate.tokens[t] if t < len(candidate) else -1
-    ref_margin, cand_margin = reference.margin(t), candidate.margin(t)
+    gap, exact = reference.gap(t, cand_tok) if cand_tok >= 0 else (None, False)
     rec: dict[str, Any] = {
         "prompt_id": req.id, "step": t, "kind": kind,
         "reference_token": ref_tok, "candidate_token": cand_tok,
         "reference_text": text(reference, t), "candidate_text": text(candidate, t),
-        "reference_margin": ref_margin, "candidate_margin": cand_margin,
+        "reference_margin": reference.margin(t), "candidate_margin": candidate.margin(t),
         "reference_runner_up": reference.runner_up[t] if t < len(reference) else None,
+        # how far below its own token the reference put the candidate's (exact, or a lower bound)
+        "reference_gap": gap, "reference_gap_exact": exact,
     }
     if threshold is not None:
-        rec["severity"], rec["reason"] = threshold.classify(ref_margin, rec["reference_runner_up"], ref_tok,
-                                                            cand_tok)
+        rec["severity"], rec["reason"], _ = threshold.classify(reference, t, cand_tok)
     return rec
 
 

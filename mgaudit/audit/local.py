@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from .backend import VOCAB_TEST, Backend, Done
 from .conditions import LOCAL_KINDS, Condition
-from .steps import Request, Settings, Steps
+from .steps import ALTERNATIVES, Request, Settings, Steps
 
 
 class LocalBackend(Backend):
@@ -59,14 +59,24 @@ class LocalBackend(Backend):
     # ------------------------------------------------------------------ runs
 
     def one(self, request: Request, settings: Settings, keep_logits: bool = False) -> Steps:
+        """The prompt alone (the contract's reference), with its best :data:`ALTERNATIVES` tokens per step."""
+        import torch
+
         from ..decoding.policies import reference_decode
         from ..decoding.stock import solo_decode
 
         ids, eos = list(request.ids), self.lm.eos_token_ids
         if settings.contract == "solo":
-            return Steps.of(solo_decode(self.lm.model, ids, settings.max_new_tokens, eos, keep_logits=keep_logits))
-        return Steps.of(reference_decode(self.lm.model, ids, settings.max_new_tokens, eos, contract=settings.contract,
-                                         keep_logits=keep_logits))
+            run = solo_decode(self.lm.model, ids, settings.max_new_tokens, eos, keep_logits=True)
+        else:
+            run = reference_decode(self.lm.model, ids, settings.max_new_tokens, eos, contract=settings.contract,
+                                   keep_logits=True)
+        steps = Steps.of(run)
+        top = [torch.topk(lg.float(), ALTERNATIVES) for lg in run.logits]
+        steps.alternatives = [list(zip(t.indices.tolist(), t.values.tolist())) for t in top]
+        if not keep_logits:
+            steps.logits = None
+        return steps
 
     def grouped(self, requests: Sequence[Request], condition: Condition, settings: Settings,
                 references: Sequence[Steps] | None, on_done: Done | None) -> list[Steps]:

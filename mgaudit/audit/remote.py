@@ -38,9 +38,11 @@ from ..endpoint.client import EndpointClient, RequestSpec, ServerInfo
 from ..formats.traces import first_divergence
 from .backend import VOCAB_TEST, Backend, Done
 from .conditions import REMOTE_KINDS, Condition
-from .steps import Request, Settings, Steps
+from .steps import ALTERNATIVES, Request, Settings, Steps
 
-TOP_LOGPROBS = 2
+#: Logprobs asked for per step: the top 2 give the margin, the rest how far below the reference put
+#: a candidate's token (:data:`mgaudit.audit.steps.ALTERNATIVES`).
+TOP_LOGPROBS = ALTERNATIVES
 #: Connections the client keeps open (the largest number of requests in flight it sends).
 MAX_IN_FLIGHT = 256
 
@@ -182,7 +184,7 @@ class EndpointBackend(Backend):
         return Steps(list(c.tokens), list(c.top1), list(c.top2), list(c.runner_up),
                      meta={"finish_reason": c.finish_reason, "seconds": round(c.seconds, 4), "attempts": c.attempts,
                            "cached_tokens": c.cached_tokens, "prompt_tokens": c.prompt_tokens,
-                           "pieces": c.pieces, **meta})
+                           "pieces": c.pieces, **meta}, alternatives=c.alternatives)
 
     async def _gather(self, specs: list[RequestSpec]) -> list[Completion]:
         # every member runs to its end (no orphaned task logs an unretrieved error); then the first error
@@ -316,18 +318,21 @@ def prompt_logprob_steps(answer: dict[str, Any], prompt_len: int, steps: int) ->
         return None
     if not isinstance(entries, list) or len(entries) < prompt_len + steps:
         return None
-    out = Steps()
+    out = Steps(alternatives=[])
     for t in range(steps):
         e = entries[prompt_len + t]
         if not isinstance(e, dict) or not e:
             raise EndpointError(f"prompt_logprobs[{prompt_len + t}] is empty: cannot score step {t}")
+        # the top-k by rank (the token actually in the prompt is listed too, with its rank, even when lower)
         ranked = sorted(((int(k), v) for k, v in e.items()), key=lambda kv: (kv[1].get("rank", 1 << 30),
                                                                             -kv[1].get("logprob", -math.inf)))
-        (t1, v1), rest = ranked[0], ranked[1:]
-        out.tokens.append(t1)
-        out.top1.append(float(v1.get("logprob", math.nan)))
-        out.runner_up.append(rest[0][0] if rest else -1)
-        out.top2.append(float(rest[0][1].get("logprob", math.nan)) if rest else math.nan)
+        listed = [(i, float(v.get("logprob", math.nan))) for i, v in ranked if v.get("rank", 1 << 30) <= TOP_LOGPROBS]
+        listed = listed or [(ranked[0][0], float(ranked[0][1].get("logprob", math.nan)))]
+        out.tokens.append(listed[0][0])
+        out.top1.append(listed[0][1])
+        out.runner_up.append(listed[1][0] if len(listed) > 1 else -1)
+        out.top2.append(listed[1][1] if len(listed) > 1 else math.nan)
+        out.alternatives.append(listed)
     return out
 
 

@@ -11,6 +11,10 @@ from typing import Any
 
 from ..prompts import Prompt
 
+#: Tokens per step a backend lists besides its own (the local model's best logits, a server's
+#: ``top_logprobs``): how far below its token the reference put a candidate's token.
+ALTERNATIVES = 5
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -52,9 +56,12 @@ class Request:
 class Steps:
     """One decoded sequence, step by step: the token taken, the runner-up, and the top-1 and
     top-2 logits (logprobs for a server; their difference is the margin either way; NaN where
-    the backend gave none). ``max_abs_diff``: per step, the largest |logit difference| from the
-    reference run (local runs against a reference with kept logits); ``logits``: per step, kept
-    only where a later comparison needs them; ``meta``: what the backend reported besides."""
+    the backend gave none). ``alternatives``: per step, the best :data:`ALTERNATIVES` tokens with
+    their logits (logprobs), best first, where the backend lists them (how far below its own token
+    a reference put the token a candidate took). ``max_abs_diff``: per step, the largest |logit
+    difference| from the reference run (local runs against a reference with kept logits);
+    ``logits``: per step, kept only where a later comparison needs them; ``meta``: what the
+    backend reported besides."""
 
     tokens: list[int] = field(default_factory=list)
     top1: list[float] = field(default_factory=list)
@@ -63,6 +70,7 @@ class Steps:
     max_abs_diff: list[float | None] | None = None
     logits: list[Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    alternatives: list[list[tuple[int, float]]] | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -78,6 +86,23 @@ class Steps:
         m = self.top1[t] - self.top2[t]
         return m if math.isfinite(m) else None
 
+    def gap(self, t: int, token: int) -> tuple[float | None, bool]:
+        """How far below its own token this run put ``token`` at step ``t``: (gap, exact). Exact where
+        ``token`` is listed (the runner-up, or an alternative); else a lower bound (the gap to the last
+        token listed, which ``token`` is not above), or None where nothing bounds it."""
+        if t >= len(self.tokens) or not math.isfinite(self.top1[t]):
+            return None, False
+        alts = self.alternatives[t] if self.alternatives is not None and t < len(self.alternatives) else None
+        if alts:
+            listed = dict(alts)
+            if token in listed:
+                return self.top1[t] - listed[token], True
+            return self.top1[t] - alts[-1][1], False
+        if token == self.runner_up[t]:
+            return self.margin(t), True
+        m = self.margin(t)
+        return m, False  # not the runner-up: at least the margin below
+
     @classmethod
     def of(cls, run: Any, **meta: Any) -> "Steps":
         """A :class:`Steps` from any run object with ``tokens``, ``top1``, ``top2``, ``runner_up``
@@ -88,31 +113,43 @@ class Steps:
             return run
         return cls([int(t) for t in run.tokens], [float(x) for x in run.top1], [float(x) for x in run.top2],
                    [int(t) for t in run.runner_up], getattr(run, "max_abs_diff", None),
-                   getattr(run, "logits", None), dict(meta))
+                   getattr(run, "logits", None), dict(meta), getattr(run, "alternatives", None))
 
     def head(self, n: int) -> "Steps":
         """The first ``n`` steps (no logits, no diffs)."""
-        return Steps(self.tokens[:n], self.top1[:n], self.top2[:n], self.runner_up[:n], meta=dict(self.meta))
+        alts = None if self.alternatives is None else self.alternatives[:n]
+        return Steps(self.tokens[:n], self.top1[:n], self.top2[:n], self.runner_up[:n], meta=dict(self.meta),
+                     alternatives=alts)
 
     def extend(self, other: "Steps", start: int, stop: int | None = None) -> None:
         """Append ``other``'s steps ``start:stop``."""
         sl = slice(start, stop)
+        n = len(self.tokens)
         self.tokens += other.tokens[sl]
         self.top1 += other.top1[sl]
         self.top2 += other.top2[sl]
         self.runner_up += other.runner_up[sl]
+        if self.alternatives is not None or other.alternatives is not None:
+            mine = self.alternatives if self.alternatives is not None else [[] for _ in range(n)]
+            theirs = other.alternatives[sl] if other.alternatives is not None else \
+                [[] for _ in other.tokens[sl]]
+            self.alternatives = mine + list(theirs)
 
     def to_json(self) -> dict[str, Any]:
         def num(x: float) -> float | None:
             return x if math.isfinite(x) else None
 
         return {"tokens": self.tokens, "top1": [num(x) for x in self.top1], "top2": [num(x) for x in self.top2],
-                "runner_up": self.runner_up, "meta": self.meta}
+                "runner_up": self.runner_up, "meta": self.meta,
+                "alternatives": None if self.alternatives is None else
+                [[[i, v] for i, v in step] for step in self.alternatives]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Steps":
         def num(x: Any) -> float:
             return math.nan if x is None else float(x)
 
+        alts = data.get("alternatives")
         return cls(list(data["tokens"]), [num(x) for x in data["top1"]], [num(x) for x in data["top2"]],
-                   list(data["runner_up"]), meta=dict(data.get("meta") or {}))
+                   list(data["runner_up"]), meta=dict(data.get("meta") or {}),
+                   alternatives=None if alts is None else [[(int(i), float(v)) for i, v in step] for step in alts])

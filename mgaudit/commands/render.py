@@ -170,15 +170,15 @@ def _differences(report: dict[str, Any], ref_name: str) -> None:
         where = src.get("path") or "given"
         console.out.print(f"severity (tau {sev['tau']:.6g} from {escape(str(where))}): {c['within_noise']} within noise, "
                           f"{c['anomalous']} anomalous" + (f", {c['unknown']} unknown" if c.get("unknown") else ""))
-        hist = [h for h in sev["reference_margin_histogram"] if h["count"]]
+        hist = [h for h in sev["reference_gap_histogram"] if h["count"]]
         if hist:
-            console.out.print("reference margin at differences: " + ", ".join(
+            console.out.print("how far below its own token the reference put the candidate's: " + ", ".join(
                 f"[{h['from']:g}, {'inf' if h['to'] is None else format(h['to'], 'g')}): {h['count']}" for h in hist))
         worst = [w for w in sev["worst"] if w.get("severity") == "anomalous"][:5]
         for w in worst:
             console.out.print(f"  anomalous: {escape(w['prompt_id'])} step {w['step']}: reference "
-                              f"{escape(repr(w.get('reference_text')))} (margin {_num(w.get('reference_margin'))}) vs "
-                              f"{escape(repr(w.get('candidate_text')))} ({escape(w.get('reason') or '')})")
+                              f"{escape(repr(w.get('reference_text')))} vs {escape(repr(w.get('candidate_text')))} "
+                              f"({escape(w.get('reason') or '')})")
 
 
 def verdict_line(report: dict[str, Any]) -> str:

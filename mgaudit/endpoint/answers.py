@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from ..errors import InputError
 
@@ -47,6 +47,7 @@ class Completion:
     prompt_tokens: int | None = None
     started: float = 0.0  # perf_counter at send (for overlap accounting)
     pieces: list[str] | None = None  # the server's text of each token, where it sends it
+    alternatives: list[list[tuple[int, float]]] | None = None  # per step: (id, logprob) listed, best first
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -134,26 +135,35 @@ def _top_two(entries: list[tuple[int, float]], chosen: int) -> tuple[float, floa
     return t1, t2, runner
 
 
+class ChoiceSteps(NamedTuple):
+    """The steps of one answer choice: per step the token taken, the top-1 and top-2 logprobs, the
+    runner-up, and the alternatives the server listed (token id, logprob), best first."""
+
+    tokens: list[int]
+    top1: list[float]
+    top2: list[float]
+    runner_up: list[int]
+    alternatives: list[list[tuple[int, float]]] | None
+
+
 def parse_choice(choice: dict[str, Any], tokens_only: bool, token_map: TokenMap,
-                 text_to_ids: Callable[[str], list[int]] | None) -> tuple[list[int], list[float], list[float], list[int]]:
-    """Steps of one answer choice: (token ids, top1, top2, runner-up ids)."""
+                 text_to_ids: Callable[[str], list[int]] | None) -> ChoiceSteps:
+    """Steps of one answer choice (see :class:`ChoiceSteps`)."""
     lp = choice.get("logprobs")
     if lp is None or lp == {}:
         if not tokens_only:
             raise NoLogprobsError("the server returned no logprobs (field choices[0].logprobs is missing or null)",
-                                  hint="give `tokens_only` to audit flips and divergence without margins, or enable logprobs on the server")
+                                  hint="give `tokens_only` to audit flips and divergence without margins, or enable "
+                                       "logprobs on the server")
         text = choice.get("text")
         if text is None:
             text = (choice.get("message") or {}).get("content") or ""
         ids = text_to_ids(text) if text_to_ids else list(text.encode("utf-8"))
         nan = [math.nan] * len(ids)
-        return ids, nan, list(nan), [-1] * len(ids)
+        return ChoiceSteps(ids, nan, list(nan), [-1] * len(ids), None)
     if not isinstance(lp, dict):
         raise EndpointError(f"choices[0].logprobs has an unknown shape ({type(lp).__name__})")
-    ids: list[int] = []
-    top1: list[float] = []
-    top2: list[float] = []
-    runner: list[int] = []
+    steps: list[tuple[int, list[tuple[int, float]]]] = []  # (chosen, candidates)
     if isinstance(lp.get("content"), list):
         for k, step in enumerate(lp["content"]):
             if not isinstance(step, dict):
@@ -165,37 +175,32 @@ def parse_choice(choice: dict[str, Any], tokens_only: bool, token_map: TokenMap,
                 cid = c.get("id")
                 cid = int(cid) if isinstance(cid, int) else token_map.id_of(str(c.get("token", "")))
                 cands.append((cid, _fnum(c.get("logprob"))))
-            if not cands and not tokens_only:
-                raise NoLogprobsError(f"the server returned no top_logprobs (choices[0].logprobs.content[{k}]"
-                                      ".top_logprobs is empty)",
-                                      hint="give `tokens_only` to audit flips and divergence without margins, or enable top logprobs on the server")
-            t1, t2, ru = _top_two(cands, chosen)
-            ids.append(chosen)
-            top1.append(t1)
-            top2.append(t2)
-            runner.append(ru)
+            steps.append((chosen, cands))
+            where = f"choices[0].logprobs.content[{k}].top_logprobs is empty"
+            _need(cands, tokens_only, where)
     elif isinstance(lp.get("tokens"), list):
         tops = lp.get("top_logprobs") or []
         for k, tok in enumerate(lp["tokens"]):
-            chosen = token_map.id_of(str(tok))
             cand_d = tops[k] if k < len(tops) and isinstance(tops[k], dict) else {}
-            if not cand_d and not tokens_only:
-                raise NoLogprobsError(f"the server returned no top_logprobs (choices[0].logprobs.top_logprobs[{k}])",
-                                      hint="give `tokens_only` to audit flips and divergence without margins, or enable top logprobs on the server")
-            cands = [(token_map.id_of(str(s)), _fnum(v)) for s, v in cand_d.items()]
-            t1, t2, ru = _top_two(cands, chosen)
-            ids.append(chosen)
-            top1.append(t1)
-            top2.append(t2)
-            runner.append(ru)
+            steps.append((token_map.id_of(str(tok)), [(token_map.id_of(str(t)), _fnum(v)) for t, v in cand_d.items()]))
+            _need(steps[-1][1], tokens_only, f"choices[0].logprobs.top_logprobs[{k}]")
     else:
         raise NoLogprobsError("choices[0].logprobs holds neither content nor tokens",
                               hint="give `tokens_only` to audit flips and divergence without margins")
+    ids = [c for c, _ in steps]
     if tokens_only:
-        top1 = [math.nan] * len(ids)
-        top2 = [math.nan] * len(ids)
-        runner = [-1] * len(ids)
-    return ids, top1, top2, runner
+        nan = [math.nan] * len(ids)
+        return ChoiceSteps(ids, nan, list(nan), [-1] * len(ids), None)
+    tops = [_top_two(cands, chosen) for chosen, cands in steps]
+    ranked = [sorted(((i, v) for i, v in cands if math.isfinite(v)), key=lambda e: -e[1]) for _, cands in steps]
+    return ChoiceSteps(ids, [t[0] for t in tops], [t[1] for t in tops], [t[2] for t in tops], ranked)
+
+
+def _need(cands: list, tokens_only: bool, where: str) -> None:
+    if not cands and not tokens_only:
+        raise NoLogprobsError(f"the server returned no top_logprobs ({where})",
+                              hint="give `tokens_only` to audit flips and divergence without margins, or enable top "
+                                   "logprobs on the server")
 
 
 def token_pieces(choice: dict[str, Any]) -> list[str] | None:

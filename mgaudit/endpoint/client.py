@@ -297,15 +297,15 @@ class EndpointClient:
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise EndpointError(f"POST {self.base_url}/{spec.path}: the answer has no choices[0]")
         choice = choices[0]
-        ids, t1, t2, ru = parse_choice(choice, self.tokens_only, self.token_map, self.text_to_ids)
+        steps = parse_choice(choice, self.tokens_only, self.token_map, self.text_to_ids)
         text = choice.get("text")
         if text is None:
             text = (choice.get("message") or {}).get("content") or ""
         usage = answer.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
-        return Completion(ids, t1, t2, ru, text, choice.get("finish_reason"), seconds, attempts,
-                          details.get("cached_tokens") if isinstance(details, dict) else None,
-                          usage.get("prompt_tokens"), started, token_pieces(choice))
+        return Completion(steps.tokens, steps.top1, steps.top2, steps.runner_up, text, choice.get("finish_reason"),
+                          seconds, attempts, details.get("cached_tokens") if isinstance(details, dict) else None,
+                          usage.get("prompt_tokens"), started, token_pieces(choice), steps.alternatives)
 
 
 def _int(x: Any) -> int | None:
