@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from .backend import VOCAB_TEST, Backend, Done
 from .conditions import LOCAL_KINDS, Condition
-from .steps import ALTERNATIVES, Request, Settings, Steps
+from .steps import LOCAL_ALTERNATIVES, Request, Settings, Steps
 
 
 class LocalBackend(Backend):
@@ -59,7 +59,7 @@ class LocalBackend(Backend):
     # ------------------------------------------------------------------ runs
 
     def one(self, request: Request, settings: Settings, keep_logits: bool = False) -> Steps:
-        """The prompt alone (the contract's reference), with its best :data:`ALTERNATIVES` tokens per step."""
+        """The prompt alone (the contract's reference), with its best :data:`LOCAL_ALTERNATIVES` tokens per step."""
         import torch
 
         from ..decoding.policies import reference_decode
@@ -72,7 +72,7 @@ class LocalBackend(Backend):
             run = reference_decode(self.lm.model, ids, settings.max_new_tokens, eos, contract=settings.contract,
                                    keep_logits=True)
         steps = Steps.of(run)
-        top = [torch.topk(lg.float(), ALTERNATIVES) for lg in run.logits]
+        top = [torch.topk(lg.float(), min(LOCAL_ALTERNATIVES, lg.shape[-1])) for lg in run.logits]
         steps.alternatives = [list(zip(t.indices.tolist(), t.values.tolist())) for t in top]
         if not keep_logits:
             steps.logits = None

@@ -21,7 +21,7 @@ from ..formats.files import atomic_write_json
 from .steps import Request, Settings, Steps
 
 FORMAT = "mgaudit.reference-run"
-VERSION = 2  # 2: the best tokens of each step (alternatives)
+VERSION = 3  # 2: the best tokens of each step (alternatives); 3: 20 of them for the local model
 
 
 def _digest(obj: Any) -> str:

@@ -11,9 +11,11 @@ from typing import Any
 
 from ..prompts import Prompt
 
-#: Tokens per step a backend lists besides its own (the local model's best logits, a server's
-#: ``top_logprobs``): how far below its token the reference put a candidate's token.
+#: Tokens per step a server lists (its ``top_logprobs``; vLLM allows 20 at most): how far below its
+#: token the reference put a candidate's token.
 ALTERNATIVES = 5
+#: The same for the local model: its logits are at hand, so more (flat steps can tie many tokens).
+LOCAL_ALTERNATIVES = 20
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,8 @@ class Request:
 class Steps:
     """One decoded sequence, step by step: the token taken, the runner-up, and the top-1 and
     top-2 logits (logprobs for a server; their difference is the margin either way; NaN where
-    the backend gave none). ``alternatives``: per step, the best :data:`ALTERNATIVES` tokens with
-    their logits (logprobs), best first, where the backend lists them (how far below its own token
+    the backend gave none). ``alternatives``: per step, the best tokens with their logits
+    (logprobs), best first, where the backend lists them (:data:`ALTERNATIVES`, :data:`LOCAL_ALTERNATIVES`) (how far below its own token
     a reference put the token a candidate took). ``max_abs_diff``: per step, the largest |logit
     difference| from the reference run (local runs against a reference with kept logits);
     ``logits``: per step, kept only where a later comparison needs them; ``meta``: what the
