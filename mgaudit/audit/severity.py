@@ -11,7 +11,10 @@ the candidate took another token than the reference is
   other went on. Rounding cannot explain that: another model or quantization, a broken
   deterministic mode, a bug.
 
-Without a margin (a server that returned no logprobs) a difference is ``unknown``.
+Without a margin (a server that returned no logprobs, or one that sampled: its draws are unknown,
+so a sampling margin cannot be computed) a difference is ``unknown``. Under mgaudit's own seeded
+sampling the margin is the sampling margin, in logit units (:mod:`mgaudit.decoding.sampling`),
+and the same tau applies.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class Threshold:
             side = "reference" if reference_token < 0 else "candidate"
             return ANOMALOUS, f"the {side} run ended here while the other went on"
         if reference_margin is None or not math.isfinite(reference_margin):
-            return UNKNOWN, "no reference margin (no logprobs)"
+            return UNKNOWN, "no reference margin (no logprobs, or sampled by a server whose draws are unknown)"
         if reference_margin >= self.tau:
             return ANOMALOUS, f"reference margin {reference_margin:.4g} >= tau {self.tau:.4g}"
         if reference_runner_up is not None and reference_runner_up >= 0 and candidate_token != reference_runner_up:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import UsageError
-from .answers import Completion, EndpointError, TokenMap, parse_choice, token_pieces
+from .answers import Completion, EndpointError, TokenMap, parse_choice, taken_logprobs, token_pieces
 
 #: Environment variables read for the API key, first match wins.
 API_KEY_ENV = ("MGAUDIT_API_KEY", "OPENAI_API_KEY")
@@ -302,7 +302,7 @@ class EndpointClient:
         details = usage.get("prompt_tokens_details") or {}
         return Completion(ids, t1, t2, ru, text, choice.get("finish_reason"), seconds, attempts,
                           details.get("cached_tokens") if isinstance(details, dict) else None,
-                          usage.get("prompt_tokens"), started, token_pieces(choice))
+                          usage.get("prompt_tokens"), started, token_pieces(choice), taken_logprobs(choice))
 
 
 def _engine_headers(headers: dict[str, str]) -> dict[str, str]:
