@@ -14,8 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import mgaudit.decoding.step as step_mod
-from perturb import after_batched_forward, is_batched_step, rowwise_linear
+from perturb import after_batched_forward, flip_logits_at, rowwise_linear
 from mgaudit.decoding.policies import DecodePolicy, decode, reference_decode
 from mgaudit.decoding.sampling import SampleRule, Sampling
 from mgaudit.decoding.stock import padded_decode, solo_decode
@@ -78,34 +77,12 @@ def test_sampling_changes_tokens_and_temperature_zero_is_greedy(setup) -> None:
     assert [x.tokens for x in other.sequences] != [x.tokens for x in sampled.sequences]
 
 
-def _flip_sampled_token_at(monkeypatch, rule: SampleRule, call: int, step: int) -> dict:
-    """At the ``call``-th batched decode forward, raise row 0's runner-up (by its draw) just above
-    the sampled token: the fast path samples the runner-up there, at a sampling margin of ~0.01."""
-    orig = step_mod.forward_last
-    state = {"calls": 0, "flipped": None}
-
-    def wrapper(model, input_ids, attention_mask, position_ids, cache):
-        logits = orig(model, input_ids, attention_mask, position_ids, cache)
-        if is_batched_step(input_ids):
-            if state["calls"] == call:
-                logits = logits.float()
-                p = rule.row(0, step).pick(logits[:1], 0)
-                if p.kind[0] == "sample":
-                    logits[0, p.runner_up[0]] += p.top1[0] - p.top2[0] + 0.01
-                    state["flipped"] = (p.token[0], p.runner_up[0])
-            state["calls"] += 1
-        return logits
-
-    monkeypatch.setattr(step_mod, "forward_last", wrapper)
-    return state
-
-
 @pytest.mark.parametrize("policy, repaired", [(DecodePolicy("gate", 1.0), True), (DecodePolicy("always"), True),
                                               (DecodePolicy("invariant"), False)], ids=["gate", "always", "invariant"])
 def test_a_flip_at_a_low_sampling_margin_is_verified_and_repaired(setup, monkeypatch, policy, repaired) -> None:
     sampling = Sampling(1.0, seed=5)
     seeds, refs = _refs(setup, sampling)
-    state = _flip_sampled_token_at(monkeypatch, SampleRule(sampling, seeds[:4]), call=2, step=3)
+    state = flip_logits_at(monkeypatch, 2, rule=SampleRule(sampling, seeds[:4]), step=3)
     out = decode(setup.model, setup.ids, policy, 4, MAX_NEW, setup.eos, setup.pad, sampling=sampling, seeds=seeds)
     assert state["flipped"] is not None and state["flipped"][0] == refs[0].tokens[3]
     r = out.sequences[0]

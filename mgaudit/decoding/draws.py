@@ -47,25 +47,25 @@ def row_keys(seed: int, counter: int) -> tuple[int, int]:
     return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    # x < 2**32 held in int64; c taken mod 2**32 into [-2**31, 2**31) so the product never overflows
-    return (x * (c - (1 << 32) if c >= 1 << 31 else c)) & MASK32
-
-
 def _mix(x: torch.Tensor) -> torch.Tensor:
-    """``lowbias32``: a bijection of 32-bit integers with good avalanche."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    """``lowbias32`` in place on 32-bit integers held in int64: a bijection with good avalanche. Each
+    product stays below 2**63 (a constant above 2**31 is taken mod 2**32 as a negative number)."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x &= MASK32
+    x ^= x >> 15
+    x *= 0x846CA68B - (1 << 32)
+    x &= MASK32
+    x ^= x >> 16
+    return x
 
 
 def bits(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """32 random bits (int64 in ``[0, 2**32)``) per token: ``keys`` ``[rows, 2]`` int64,
     ``tokens`` ``[rows, n]`` (or ``[n]``, the same ids for every row) int64."""
-    k0, k1 = keys[:, :1], keys[:, 1:]
-    return _mix(_mix(tokens ^ k0) ^ k1)
+    x = _mix(tokens ^ keys[:, :1])
+    x ^= keys[:, 1:]
+    return _mix(x)
 
 
 def keys_tensor(pairs: Sequence[tuple[int, int]], device) -> torch.Tensor:

@@ -275,6 +275,8 @@ class _Row:
         # the mask: the sampled token leaving, or a token of the window entering with a better y
         m_mask, competitor = cut.leave(w), (ids[r] if r is not None else -1)
         for j in range(cut.n_allowed, cut.end):
+            if y[w] - y[j] >= m_mask:  # cannot lower the margin, whatever it takes to enter
+                continue
             m = max(cut.enter(j), y[w] - y[j])
             if m < m_mask:
                 m_mask, competitor = m, ids[j]
@@ -360,10 +362,15 @@ class _Cuts:
         return min(bound, self.v_k - self.v_k1) if self.kth else bound
 
     def _window_end(self) -> int:
-        end = self.n_allowed
-        while end < len(self.vals) and self.enter(end) < self.C:
-            end += 1
-        return end
+        """The first excluded token past the window (enter() does not decrease down the list)."""
+        lo, hi = self.n_allowed, len(self.vals)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.enter(mid) < self.C:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     def leave(self, w: int) -> float:
         """Lower bound of the perturbation that makes allowed token ``w`` leave (capped at the horizon)."""

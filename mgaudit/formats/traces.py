@@ -96,14 +96,25 @@ TRACE_COLUMNS = [f.name for f in TRACE_FIELDS]
 MODES = ("solo", "sync", "free")
 
 
+def _greedy_default(rows: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    """Rows built without the sampling columns are greedy rows: those columns are null."""
+    for r in rows:
+        yield r if "draw_seed" in r else {**dict.fromkeys(SAMPLING_COLUMNS), **r}
+
+
 def rows_to_table(rows: Iterable[dict[str, Any]], provenance: dict[str, Any]) -> pa.Table:
     """Trace rows as a table (schema and metadata from :mod:`mgaudit.formats.parquet`)."""
-    return parquet.table(rows, TRACE_SCHEMA, SCHEMA_VERSION, provenance)
+    return parquet.table(_greedy_default(rows), TRACE_SCHEMA, SCHEMA_VERSION, provenance)
+
+
+class _TraceWriter(parquet.TableWriter):
+    def write(self, rows):
+        return super().write(list(_greedy_default(rows)))
 
 
 def trace_writer(path: Path, provenance: dict[str, Any]) -> parquet.TableWriter:
     """The writer of one trace file (see :class:`mgaudit.formats.parquet.TableWriter`)."""
-    return parquet.TableWriter(path, TRACE_SCHEMA, SCHEMA_VERSION, provenance)
+    return _TraceWriter(path, TRACE_SCHEMA, SCHEMA_VERSION, provenance)
 
 
 def trace_files(path: Path) -> list[Path]:
