@@ -169,3 +169,19 @@ def test_stock_generate_samples_differently_in_a_batch_where_the_logits_are_bit_
     assert rows[1].tokens == solo.tokens
     assert all(torch.equal(a, b) for a, b in zip(rows[1].logits, solo.logits))
     assert not math.isnan(solo.top1[0])
+
+
+@pytest.mark.parametrize("key", ["gate", "invariant"])
+def test_batch_invariant_contract_under_sampling(setup, key) -> None:
+    """Under ``batch-invariant`` a sampled batch equals each prompt sampled alone through the same
+    kernels, bit for bit on the logits."""
+    sampling = Sampling(0.8, top_p=0.9, seed=12)
+    seeds = [sampling.draw_seed(p) for p in setup.pids]
+    refs = [reference_decode(setup.model, p, MAX_NEW, setup.eos, contract="batch-invariant", keep_logits=True,
+                             sampling=sampling, seed=d) for p, d in zip(setup.ids, seeds)]
+    pol = DecodePolicy(key, 0.5 if key == "gate" else None, contract="batch-invariant")
+    out = decode(setup.model, setup.ids, pol, 4, MAX_NEW, setup.eos, setup.pad, keep_logits=True, sampling=sampling,
+                 seeds=seeds)
+    for r, s in zip(out.sequences, refs):
+        assert r.tokens == s.tokens
+        assert all(torch.equal(x, y) for x, y in zip(r.logits, s.logits))

@@ -353,9 +353,14 @@ class _Cuts:
         return True
 
     def _mass_above(self, x: float, skip: int | None = None) -> float:
-        """Renormalised mass of the top-k candidates with a value above ``x`` (token ``skip`` left out)."""
+        """Renormalised mass of the top-k candidates with a value above ``x`` (token ``skip`` left
+        out); where ``x`` lies below the candidates and tokens beyond them are not top-k-excluded,
+        their whole mass is counted too (an upper bound)."""
         n = bisect.bisect_left(self.neg, -x)  # candidates with a value above x
-        return self.prefix[n] - (self.q[skip] if skip is not None and skip < n else 0.0)
+        out = self.prefix[n] - (self.q[skip] if skip is not None and skip < n else 0.0)
+        if n == len(self.q) and not self.complete and self.s.top_k is None:
+            out += max(0.0, 1.0 - self.prefix[n])
+        return out
 
     def _topp(self, bound: float) -> float:
         """A top-p bound holds while the top-k set (its normaliser) stays: capped at the top-k cut."""
