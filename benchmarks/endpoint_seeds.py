@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment  # noqa: E402
 
-CONFIGS = {"t0.7-p0.9": ["--temperature", "0.7", "--top-p", "0.9"],
+CONFIGS = {"greedy": [], "t0.7-p0.9": ["--temperature", "0.7", "--top-p", "0.9"],
            "t1.0-p0.9": ["--temperature", "1.0", "--top-p", "0.9"],
            "t0.7-k50": ["--temperature", "0.7", "--top-k", "50"]}
 
@@ -31,12 +31,12 @@ def _verify(url: str, spec: str, args, flags: list[str], batch: int, note: str) 
     kw = {k: (int(v) if k == "top_k" else float(v)) for k, v in kw.items()}
     cfg = VerifyConfig(prompts=spec, endpoint=url, tokenizer="smollm2", batch_size=batch, limit=args.limit,
                        max_new_tokens=args.max_new_tokens, engine_note=note, sample_seed=args.sample_seed,
-                       reference_cache=False, **kw)
+                       reference_cache=False, threshold=args.threshold, **kw)
     t0 = time.perf_counter()
     rep = verify(cfg)
     s = rep["summary"]
     return {"set": spec, "batch_size": batch, "identical": s["identical"], "sequences": s["sequences"],
-            "seeds": s["seeds"], "severity": s["severity"]["counts"], "teacher_forced": s["teacher_forced"],
+            "seeds": s.get("seeds"), "severity": s["severity"]["counts"], "teacher_forced": s["teacher_forced"],
             "seconds": time.perf_counter() - t0,
             "first_divergences": [r["first_divergence"] for r in rep["sequences"] if not r["identical"]]}
 
@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--sample-seed", type=int, default=0)
+    ap.add_argument("--threshold", type=float, default=0.25, help="tau: classifies greedy differences")
     ap.add_argument("--llama-slots", type=int, default=8)
     ap.add_argument("--vllm-seqs", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("bench-out/endpoint_seeds.json"))

@@ -85,6 +85,14 @@ def uniform(h: int) -> float:
 
 
 _BOUNDS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+_UPPER: list[list[float]] = []
+
+
+def gumbel_upper() -> list[float]:
+    """Per value of the top 16 bits, an upper bound of the Gumbel value of the draw (Python floats)."""
+    if not _UPPER:
+        _UPPER.append([math.nextafter(gumbel((j << 16) | 0xFFFF), math.inf) for j in range(1 << 16)])
+    return _UPPER[0]
 
 
 def gumbel_bounds(device) -> tuple[torch.Tensor, torch.Tensor]:

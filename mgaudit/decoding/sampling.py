@@ -35,6 +35,7 @@ At temperature 0 nothing of this runs: the loop takes the argmax (:func:`mgaudit
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
@@ -208,27 +209,25 @@ def _unfiltered(lg: torch.Tensor, keys, temperature: float) -> list[tuple]:
 
 def _filtered(lg: torch.Tensor, keys, s: Sampling, horizon: float) -> list[tuple]:
     """Top-k / top-p / min-p: the allowed tokens and those that could enter within the horizon
-    lie among the largest logits: one batched top-k gives them (per-row calls where a row needs
-    more); masses come from a per-row softmax (the same call for a row alone and in a batch)."""
+    lie among the largest logits: a batched top-k gives them, taken again four times as deep for
+    the rows that need more (selection is exact: a row's candidates do not depend on the others);
+    masses come from a per-row softmax (the same call for a row alone and in a batch)."""
     import torch
 
     rows, vocab = lg.shape
-    k0 = min(vocab, CANDIDATES + (s.top_k or 0))
-    vals, idx = torch.topk(lg, k0, dim=-1)
-    h = draws.bits(draws.keys_tensor(keys, lg.device), idx)
-    vals_l, idx_l, h_l = vals.tolist(), idx.tolist(), h.tolist()
-    out = []
-    for r in range(rows):
-        row = _Row(lg[r], s, horizon)
-        cand = row.candidates(vals_l[r], idx_l[r], h_l[r], complete=k0 == vocab)
-        k = k0
-        while cand is None:  # this row needs more candidates than the batched call took
-            k = min(vocab, k * 4)
-            v, i = torch.topk(lg[r], k)
-            hb = draws.bits(draws.keys_tensor([keys[r]], lg.device), i[None])[0]
-            cand = row.candidates(v.tolist(), i.tolist(), hb.tolist(), complete=k == vocab)
-        out.append(row.choose(cand))
-    return out
+    found: list = [None] * rows
+    todo = list(range(rows))
+    row = [_Row(lg[r], s, horizon) for r in range(rows)]
+    k = min(vocab, CANDIDATES + (s.top_k or 0))
+    while todo:
+        part = lg[todo] if len(todo) < rows else lg
+        vals, idx = torch.topk(part, k, dim=-1)
+        h = draws.bits(draws.keys_tensor([keys[r] for r in todo], lg.device), idx)
+        for r, v, i, hh in zip(todo, vals.tolist(), idx.tolist(), h.tolist()):
+            found[r] = row[r].candidates(v, i, hh, complete=k == vocab)
+        todo = [r for r in todo if found[r] is None]
+        k = min(vocab, k * 4)
+    return [row[r].choose(found[r]) for r in range(rows)]
 
 
 class _Row:
@@ -248,11 +247,8 @@ class _Row:
     def candidates(self, vals, ids, hs, complete: bool):
         """The candidates in canonical order (logit descending, id ascending), enough to decide the
         allowed set and the window; None where more are needed."""
-
-        order = sorted(range(len(ids)), key=lambda i: (-vals[i], ids[i]))
-        vals = [vals[i] for i in order]
-        ids = [ids[i] for i in order]
-        hs = [hs[i] for i in order]
+        neg, ids, hs = (list(x) for x in zip(*sorted(zip([-v for v in vals], ids, hs))))
+        vals = [-v for v in neg]
         # tokens tied with the last value may lie beyond the list: only values above it are complete
         n = len(vals) if complete else sum(1 for v in vals if v > vals[-1])
         if n < 2 and not complete:
@@ -266,7 +262,7 @@ class _Row:
     def choose(self, cand) -> tuple:
         cut, ids, hs = cand
         T, vals = self.T, cut.vals
-        y = [vals[i] + T * draws.gumbel(hs[i]) for i in range(cut.end)]
+        y = [vals[i] + T * draws.gumbel(hs[i]) for i in range(cut.n_allowed)]
         allowed = range(cut.n_allowed)
         w = max(allowed, key=lambda i: (y[i], -ids[i]))
         others = [i for i in allowed if i != w]
@@ -274,10 +270,15 @@ class _Row:
         m_sample = y[w] - y[r] if r is not None else math.inf
         # the mask: the sampled token leaving, or a token of the window entering with a better y
         m_mask, competitor = cut.leave(w), (ids[r] if r is not None else -1)
+        high = draws.gumbel_upper()
         for j in range(cut.n_allowed, cut.end):
-            if y[w] - y[j] >= m_mask:  # cannot lower the margin, whatever it takes to enter
+            # a token that cannot lower the margin, whatever it takes to enter, needs no exact draw
+            if y[w] - (vals[j] + T * high[hs[j] >> 16]) >= m_mask:
                 continue
-            m = max(cut.enter(j), y[w] - y[j])
+            yj = vals[j] + T * draws.gumbel(hs[j])
+            if y[w] - yj >= m_mask:
+                continue
+            m = max(cut.enter(j), y[w] - yj)
             if m < m_mask:
                 m_mask, competitor = m, ids[j]
         if m_mask >= self.C and m_sample >= self.C:
@@ -308,34 +309,31 @@ class _Cuts:
         if s.top_k is not None and s.top_k >= n and not complete:
             self.n_allowed = self.end = -1  # the k-th value lies beyond the candidates
             return
+        self.neg = [-v for v in vals]  # ascending: bisect counts the candidates above a value
         # top-k: tokens at least the k-th value
-        self.n_k = n if not self.kth else sum(1 for v in vals if v >= vals[s.top_k - 1])
         self.v_k = vals[s.top_k - 1] if self.kth else -math.inf
         self.v_k1 = vals[s.top_k] if self.kth else -math.inf
-        # top-p: masses renormalised over the top-k tokens; above(i) = mass strictly above token i
+        self.n_k = bisect.bisect_right(self.neg, -self.v_k) if self.kth else n
+        # top-p: masses renormalised over the top-k tokens; token i is kept while the mass strictly
+        # above it (prefix[bisect_left(neg, -vals[i])], which grows down the list) is below p
         self.masses = masses
         self.n_p = self.n_k
         if masses is not None:
-            total = sum(masses[:self.n_k]) if s.top_k is not None else 1.0
+            total = math.fsum(masses[:self.n_k]) if s.top_k is not None else 1.0
             self.q = [m / total for m in masses[:self.n_k]]
-            self.cum = []  # cum[i] = mass of tokens with a value above vals[i]
-            acc, i = 0.0, 0
-            while i < self.n_k:
-                j = i
-                while j < self.n_k and vals[j] == vals[i]:
-                    j += 1
-                self.cum.extend([acc] * (j - i))
-                acc += sum(self.q[i:j])
-                i = j
-            self.n_p = next((i for i in range(self.n_k) if self.cum[i] >= s.top_p), self.n_k)
-            self.neg = [-v for v in vals[:self.n_k]]
-            self.prefix = [0.0]
-            for q in self.q:
-                self.prefix.append(self.prefix[-1] + q)
+            self.prefix = [0.0, *itertools.accumulate(self.q)]
+            lo, hi = 0, self.n_k
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self.prefix[bisect.bisect_left(self.neg, self.neg[mid])] >= s.top_p:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            self.n_p = lo
             self.p_closed = self.n_p < self.n_k or (s.top_k is not None and self.n_k < n)
         # min-p: value at least max + T ln(min_p)
         self.c_min = vals[0] + self.T * math.log(s.min_p) if s.min_p > 0 else -math.inf
-        self.n_m = sum(1 for v in vals if v >= self.c_min)
+        self.n_m = bisect.bisect_right(self.neg, -self.c_min)
         self.n_allowed = min(self.n_k, self.n_p, self.n_m)
         self.end = self._window_end()
 
@@ -356,7 +354,7 @@ class _Cuts:
         """Renormalised mass of the top-k candidates with a value above ``x`` (token ``skip`` left
         out); where ``x`` lies below the candidates and tokens beyond them are not top-k-excluded,
         their whole mass is counted too (an upper bound)."""
-        n = bisect.bisect_left(self.neg, -x)  # candidates with a value above x
+        n = min(bisect.bisect_left(self.neg, -x), len(self.q))  # top-k candidates with a value above x
         out = self.prefix[n] - (self.q[skip] if skip is not None and skip < n else 0.0)
         if n == len(self.q) and not self.complete and self.s.top_k is None:
             out += max(0.0, 1.0 - self.prefix[n])
