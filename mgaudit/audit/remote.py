@@ -191,13 +191,11 @@ class EndpointBackend(Backend):
 
     def _steps(self, c: Completion, sampled: bool = False, **meta: Any) -> Steps:
         self._values.extend(v for v in c.top1 + c.top2 if math.isfinite(v))
-        if sampled:  # the server's draws are unknown: no margin, the token's own logprob
-            taken = c.token_logprobs if c.token_logprobs is not None else [math.nan] * len(c.tokens)
-            return Steps(list(c.tokens), list(taken), [math.nan] * len(c.tokens), [-1] * len(c.tokens),
-                         meta={"finish_reason": c.finish_reason, "seconds": round(c.seconds, 4),
-                               "attempts": c.attempts, "cached_tokens": c.cached_tokens,
-                               "prompt_tokens": c.prompt_tokens, "pieces": c.pieces, **meta})
-        return Steps(list(c.tokens), list(c.top1), list(c.top2), list(c.runner_up),
+        n = len(c.tokens)
+        # sampled: the server's draws are unknown, so no margin; top-1 holds the taken token's logprob
+        top1, top2, runner = (c.token_logprobs or [math.nan] * n, [math.nan] * n, [-1] * n) if sampled else \
+            (c.top1, c.top2, c.runner_up)
+        return Steps(list(c.tokens), list(top1), list(top2), list(runner),
                      meta={"finish_reason": c.finish_reason, "seconds": round(c.seconds, 4), "attempts": c.attempts,
                            "cached_tokens": c.cached_tokens, "prompt_tokens": c.prompt_tokens,
                            "pieces": c.pieces, **meta})
