@@ -26,9 +26,6 @@ if TYPE_CHECKING:
     import torch
 
 MASK32 = 0xFFFFFFFF
-#: The largest and smallest Gumbel value 32-bit draws can give (about 22.9 and -3.1).
-G_MAX = -math.log(-math.log((MASK32 + 0.5) / 2 ** 32))
-G_MIN = -math.log(-math.log(0.5 / 2 ** 32))
 #: Largest draw seed: 31 bits, which every server's ``seed`` field takes.
 SEED_BITS = 31
 
@@ -78,10 +75,6 @@ def gumbel(h: int) -> float:
     """The Gumbel variate of 32 random bits."""
 
     return -math.log(-math.log((h + 0.5) / 2 ** 32))
-
-
-def uniform(h: int) -> float:
-    return (h + 0.5) / 2 ** 32
 
 
 _BOUNDS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

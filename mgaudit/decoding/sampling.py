@@ -159,9 +159,6 @@ class SampleRule:
             out.token[b], out.runner_up[b], out.top1[b], out.top2[b], out.kind[b] = tok, ru, y1, y2, kind
         return out
 
-    def describe(self) -> dict[str, Any]:
-        return {**(self.s.key() or {}), "horizon": self.horizon}
-
 
 def sample_rule(sampling: Sampling, seeds: Sequence[int], threshold: float | None = None) -> SampleRule | None:
     """The rule for rows with these draw seeds (None for greedy decoding). ``threshold``: a gate's
