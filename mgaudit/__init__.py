@@ -1,4 +1,4 @@
-"""mgaudit: audit and fix batch-dependent nondeterminism in greedy LLM decoding.
+"""mgaudit: audit and fix batch-dependent nondeterminism in LLM decoding, greedy and seeded sampling.
 
 The public API is importable from here; names load on first use, so ``import mgaudit``
 (and the CLI's start) does not import torch.
@@ -22,6 +22,7 @@ _EXPORTS = {
     "decode": "mgaudit.decoding.policies", "reference_decode": "mgaudit.decoding.policies",
     "solo_decode": "mgaudit.decoding.stock", "padded_decode": "mgaudit.decoding.stock", "RowTrace": "mgaudit.decoding.stock",
     "greedy": "mgaudit.decoding.loop", "Step": "mgaudit.decoding.loop",
+    "Sampling": "mgaudit.decoding.sampling", "SampleRule": "mgaudit.decoding.sampling",
     "probe": "mgaudit.decoding.invariance", "ProbeReport": "mgaudit.decoding.invariance",
     # the jobs
     "scan": "mgaudit.scan", "ScanConfig": "mgaudit.scan", "ScanResult": "mgaudit.scan",

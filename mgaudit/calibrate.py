@@ -190,6 +190,9 @@ def load_traces(paths: Sequence[Path], batch_sizes: Iterable[int] | None = None,
         if (prov.get("endpoint") or {}).get("tokens_only"):  # endpoint scans of servers without logprobs
             raise TraceError(f"{p}: recorded with tokens only (no logprobs, so no margins): nothing to fit a gate on",
                              hint="scan a server that returns logprobs")
+        if prov.get("endpoint") and ((prov.get("config") or {}).get("temperature") or 0) > 0:
+            raise TraceError(f"{p}: sampled on a server, whose random draws are unknown: no sampling margins to fit "
+                             "a gate on", hint="calibrate on greedy server scans, or on local sampled scans")
         if provenance is None:
             provenance = prov
         else:

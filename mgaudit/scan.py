@@ -129,7 +129,7 @@ def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = 
     prompt_set = load_prompts(config.prompts, limit=config.limit)
     tdir = TraceDir(config.out)
     tdir.check(config.resume, config.overwrite)  # every output check before any model work
-    settings = Settings(config.max_new_tokens, config.chat)
+    settings = Settings(config.max_new_tokens, config.chat, sampling=config.sampling())
     with open_pair(config, loaded=loaded, log=log) as pair:
         if config.prefix_cache and not pair.candidate.info.supports_cache_prompt:
             raise UsageError(f"the server at {pair.candidate.url} ({pair.candidate.info.engine}) exposes no "
@@ -189,6 +189,8 @@ class _ScanJob:
               "threshold": None if self.threshold is None else self.threshold.tau}
         if self.pair.cross:
             fp["reference"] = self.pair.reference.identity()
+        if not self.settings.sampling.greedy:
+            fp["sampling"] = self.settings.sampling.key()
         return _jsonable(fp)
 
     # ------------------------------------------------------------------ run
@@ -253,7 +255,8 @@ class _ScanJob:
         runs = self.refs.get(reqs)
         rows = []
         for r, run in zip(reqs, runs):
-            rows.extend(solo_rows(RowKey(r.id, r.index, _plen(r, run), batch_index=r.index), run))
+            rows.extend(solo_rows(RowKey(r.id, r.index, _plen(r, run), batch_index=r.index,
+                                         draw_seed=self.settings.draw_seed(r)), run))
         self.tdir.write(u, rows, {**self.provenance, "unit": {"kind": "reference", "condition": "alone",
                                                               "batch_size": 1, "requests": _metas(reqs, runs)}})
 
@@ -278,7 +281,8 @@ class _ScanJob:
             r, ref = reqs[row], refs[row]
             single = cond.kind in ("alone", "warm-cache")
             key = RowKey(r.id, r.index, _plen(r, ref), cond.kind, cond.level, cond.round,
-                         r.index if single else u.group, 0 if single else row, free[row].meta.get("pad_len", 0))
+                         r.index if single else u.group, 0 if single else row, free[row].meta.get("pad_len", 0),
+                         self.settings.draw_seed(r))
             if forced is not None:
                 rows.extend(pair_rows("sync", key, ref, forced[row], severity))
             if "free" in self.config.modes:

@@ -146,7 +146,7 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
     threshold = config.threshold_of()
     policy = config.decode_policy(threshold) if config.endpoint is None else None
     prompt_set = load_prompts(config.prompts, limit=config.limit)
-    settings = Settings(config.max_new_tokens, config.chat, config.contract)
+    settings = Settings(config.max_new_tokens, config.chat, config.contract, config.sampling())
     with open_pair(config, loaded=loaded, log=log) as pair:
         cand = pair.candidate
         if cand.kind == "local":
@@ -223,7 +223,20 @@ class _VerifyJob:
         for r in records:
             differences.extend(r.get("flips") or [])
         summary = self._summary(records, differences, forced, ref_runs, cand_runs, ref_s, cand_s, refs, cond)
+        if not self.settings.sampling.greedy:
+            summary["sampling"] = self.settings.sampling.key()
+            if pair.candidate.kind == "endpoint":
+                summary["seeds"] = self._seed_audit(ref_runs)
         return self._report(summary, records, differences, prompt_set, skipped, vocabulary, mismatches, cond, refs)
+
+    def _seed_audit(self, ref_runs) -> dict[str, Any]:
+        """Does the server honour seeds (:mod:`mgaudit.audit.seeds`)?"""
+        from .audit.seeds import seed_audit
+
+        stage = Stage(self.report, "seeds", "seed audit (each prompt alone, same and other seed)",
+                      len(self.requests), unit="prompts")
+        return seed_audit(self.pair.candidate, self.requests, self.settings,
+                          None if self.pair.cross else ref_runs, on_done=lambda k: stage.advance(k))
 
     def _candidate(self, cond, groups) -> list:
         cand, reqs = self.pair.candidate, self.requests
@@ -241,7 +254,10 @@ class _VerifyJob:
     def _record(self, req, ref, run) -> dict[str, Any]:
         from .audit.compare import sequence_record
 
-        return sequence_record(req, ref, run, self.threshold, self.text)
+        rec = sequence_record(req, ref, run, self.threshold, self.text)
+        if not self.settings.sampling.greedy:
+            rec["draw_seed"] = self.settings.draw_seed(req)
+        return rec
 
     def _teacher_forced(self, cond, groups, ref_runs, cand_runs, records) -> dict[str, Any]:
         """Score every diverged sequence on the reference's tokens (its group again, teacher-forced)."""
@@ -353,6 +369,8 @@ def exactness_statement(policy, out, summary: dict[str, Any]) -> str:
     """What a local policy run checked, in one sentence: never more than the evidence."""
     ref = "stock solo decoding (batch size 1)" if policy.contract == "solo" else \
         "the same prompts alone through the batch-invariant kernels"
+    if out.sampling is not None:
+        ref += ", each prompt sampled by mgaudit's sampler with its own draw seed"
     ident = f"{summary['identical']}/{summary['sequences']} sequences identical to {ref}"
     if policy.name == "none":
         return f"{ident}; policy none makes no exactness claim"

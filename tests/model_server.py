@@ -8,7 +8,13 @@ until a ``behaviour`` makes it depart while another request is in flight:
 * ``near_tie``: at the step whose margin is smallest (if below ``near_tie_below``) it takes the
   runner-up: only rounding-size departures (what batch-order noise does);
 * ``anomalous``: at the step whose margin is largest it takes the runner-up: no rounding
-  explains that.
+  explains that;
+* ``seed_ignored``: a sampled request ignores its ``seed`` (each request draws from a fresh
+  stream), as a server that samples from one global generator does.
+
+A request with ``temperature`` above 0 is sampled by mgaudit's own sampler with the request's
+``seed`` as its draw seed (so a seed-honouring server answers each prompt as the local model
+sampled alone does).
 
 After a departure it keeps decoding from the token it took. Routes: ``/v1/models`` (with
 llama.cpp's ``meta.n_vocab``), ``/v1/completions`` (token ids or text; ``logprobs: 2``, and
@@ -32,9 +38,26 @@ class ModelServer(CompletionServer):
         self.lm, self.behaviour, self.engine = lm, behaviour, engine
         self.near_tie_below, self.tokenize_offset = near_tie_below, tokenize_offset
         self.departures = 0
+        self.requests_sampled = 0
         self.model_lock = threading.Lock()
 
     # ------------------------------------------------------------------ decoding
+
+    def sample(self, ids: list[int], max_tokens: int, body: dict) -> list[tuple[int, list[tuple[int, float]]]]:
+        """Sampled steps of ``ids`` with the request's fields (llama.cpp's top_k 0: off)."""
+        import torch
+
+        from mgaudit.decoding.sampling import SampleRule, Sampling
+        from mgaudit.decoding.stock import solo_decode
+
+        sampling = Sampling(float(body["temperature"]), float(body.get("top_p", 1.0)), body.get("top_k") or None,
+                            float(body.get("min_p", 0.0)))
+        with self.model_lock, torch.inference_mode():
+            self.requests_sampled += 1
+            seed = self.requests_sampled * 7919 if self.behaviour == "seed_ignored" else int(body.get("seed", 0))
+            run = solo_decode(self.lm.model, ids, max_tokens, self.lm.eos_token_ids, keep_logits=True,
+                              rule=SampleRule(sampling, [seed]))
+        return [(t, self._top2(lg, t)) for t, lg in zip(run.tokens, run.logits)]
 
     def decode(self, ids: list[int], max_tokens: int, loaded: bool) -> list[tuple[int, list[tuple[int, float]]]]:
         """Greedy steps of ``ids``: (token taken, [(id, logprob) of the top 2])."""
@@ -68,13 +91,17 @@ class ModelServer(CompletionServer):
         return None
 
     @staticmethod
-    def _top2(logits) -> list[tuple[int, float]]:
-        """The best tokens and their logprobs, as many as a request asks for at most (5)."""
+    def _top2(logits, taken: int | None = None) -> list[tuple[int, float]]:
+        """The best tokens and their logprobs, as many as a request asks for at most (5); ``taken``: the
+        sampled token's own logprob last where it is not among them."""
         import torch
 
         lp = torch.log_softmax(logits.float(), dim=-1)
         top = torch.topk(lp, 5)
-        return [(int(i), float(v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        out = [(int(i), float(v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        if taken is not None and taken not in dict(out):
+            out.append((taken, float(lp[taken])))
+        return out
 
     def score(self, ids: list[int]) -> list:
         """vLLM's prompt_logprobs: per position, the top 2 and the actual token with ranks."""
@@ -110,7 +137,7 @@ class ModelServer(CompletionServer):
         else:
             ids = tok(body.get("prompt", ""), add_special_tokens=True)["input_ids"]
         n = int(body.get("max_tokens", 16))
-        steps = self.decode(ids, n, loaded)
+        steps = self.sample(ids, n, body) if float(body.get("temperature") or 0) > 0 else self.decode(ids, n, loaded)
         k = int(body.get("top_logprobs") or body.get("logprobs") or 2)
         content = [{"id": t, "token": tok.decode([t]), "logprob": dict(top).get(t, top[0][1]),
                     "top_logprobs": [{"id": i, "token": tok.decode([i]), "logprob": v} for i, v in top[:k]]}

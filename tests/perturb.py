@@ -11,8 +11,10 @@ def is_batched_step(input_ids: torch.Tensor) -> bool:
     return input_ids.shape[0] > 1 and input_ids.shape[1] == 1
 
 
-def flip_logits_at(monkeypatch, call: int) -> dict:
-    """At the ``call``-th batched decode forward, row 0's runner-up becomes its argmax by 0.01."""
+def flip_logits_at(monkeypatch, call: int, rule=None, step: int | None = None) -> dict:
+    """At the ``call``-th batched decode forward, row 0's runner-up becomes its argmax by 0.01; with
+    a sampling ``rule`` (row 0's draw at ``step``), its runner-up by the draw is raised until it is
+    sampled instead, at a sampling margin of 0.01 (where that step's margin is a draw's)."""
     orig = step_mod.forward_last
     state = {"calls": 0, "flipped": None}
 
@@ -21,9 +23,15 @@ def flip_logits_at(monkeypatch, call: int) -> dict:
         if is_batched_step(input_ids):
             if state["calls"] == call:
                 logits = logits.float()  # so that +0.01 is not rounded away (bf16)
-                top = torch.topk(logits[0], 2)
-                logits[0, top.indices[1]] = top.values[0] + 0.01
-                state["flipped"] = (int(top.indices[0]), int(top.indices[1]))
+                if rule is None:
+                    top = torch.topk(logits[0], 2)
+                    logits[0, top.indices[1]] = top.values[0] + 0.01
+                    state["flipped"] = (int(top.indices[0]), int(top.indices[1]))
+                else:
+                    p = rule.row(0, step).pick(logits[:1], 0)
+                    if p.kind[0] == "sample":
+                        logits[0, p.runner_up[0]] += p.top1[0] - p.top2[0] + 0.01
+                        state["flipped"] = (p.token[0], p.runner_up[0])
             state["calls"] += 1
         return logits
 

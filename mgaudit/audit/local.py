@@ -9,6 +9,9 @@
   probe evidence and drift events are kept for the report (:attr:`LocalBackend.last_output`).
 
 Teacher forcing (``forced``) feeds each row the reference's tokens; it is always available.
+Under seeded sampling (``settings.sampling``) every run of a request draws from the request's
+own stream (its draw seed, in ``meta["draw_seed"]``), so a teacher-forced step compares the
+token each run samples from the same prefix with the same draw.
 """
 
 from __future__ import annotations
@@ -63,17 +66,21 @@ class LocalBackend(Backend):
         import torch
 
         from ..decoding.policies import reference_decode
+        from ..decoding.sampling import sample_rule
         from ..decoding.stock import solo_decode
 
-        ids, eos = list(request.ids), self.lm.eos_token_ids
+        ids, eos, seed = list(request.ids), self.lm.eos_token_ids, settings.draw_seed(request)
+        meta = _draw_meta([seed])[0]
         if settings.contract == "solo":
-            run = solo_decode(self.lm.model, ids, settings.max_new_tokens, eos, keep_logits=True)
+            run = solo_decode(self.lm.model, ids, settings.max_new_tokens, eos, keep_logits=True,
+                              rule=sample_rule(settings.sampling, [seed]))
         else:
             run = reference_decode(self.lm.model, ids, settings.max_new_tokens, eos, contract=settings.contract,
-                                   keep_logits=True)
-        steps = Steps.of(run)
-        top = [torch.topk(lg.float(), min(LOCAL_ALTERNATIVES, lg.shape[-1])) for lg in run.logits]
-        steps.alternatives = [list(zip(t.indices.tolist(), t.values.tolist())) for t in top]
+                                   keep_logits=True, sampling=settings.sampling, seed=seed)
+        steps = Steps.of(run, **meta)
+        if settings.sampling.greedy:  # the best logits say how far below its own token a candidate's lies
+            top = [torch.topk(lg.float(), min(LOCAL_ALTERNATIVES, lg.shape[-1])) for lg in run.logits]
+            steps.alternatives = [list(zip(t.indices.tolist(), t.values.tolist())) for t in top]
         if not keep_logits:
             steps.logits = None
         return steps
@@ -100,25 +107,34 @@ class LocalBackend(Backend):
         return {"route": "teacher forcing", "requests_per_sequence": None}
 
     def _padded(self, requests, settings: Settings, references, forced: bool) -> list[Steps]:
+        from ..decoding.sampling import sample_rule
         from ..decoding.stock import padded_decode
 
         refs = references if references is not None and all(r.logits is not None for r in references) else None
+        seeds = [settings.draw_seed(r) for r in requests]
         runs = padded_decode(self.lm.model, [list(r.ids) for r in requests], settings.max_new_tokens,
                              self.lm.eos_token_ids, self.lm.pad_token_id,
-                             forced=[ref.tokens for ref in references] if forced else None, reference=refs)
+                             forced=[ref.tokens for ref in references] if forced else None, reference=refs,
+                             rule=sample_rule(settings.sampling, seeds))
         width = max(len(r.ids) for r in requests)
-        return [Steps.of(run, pad_len=width - len(r.ids)) for r, run in zip(requests, runs)]
+        return [Steps.of(run, pad_len=width - len(r.ids), **m) for r, run, m in zip(requests, runs, _draw_meta(seeds))]
 
     def _policy(self, requests, condition: Condition, settings: Settings, forced=None,
                 on_done: Done | None = None) -> list[Steps]:
         from ..decoding.policies import decode
 
         kwargs = {"forced": forced} if forced is not None else {}
+        seeds = [settings.draw_seed(r) for r in requests]
         out = decode(self.lm.model, [list(r.ids) for r in requests], condition.policy, condition.level,
                      settings.max_new_tokens, self.lm.eos_token_ids, self.lm.pad_token_id, on_batch=on_done,
-                     **kwargs)
+                     sampling=settings.sampling, seeds=None if settings.sampling.greedy else seeds, **kwargs)
         if forced is None:
             self.last_output = out
         return [Steps.of(s, triggers=s.triggers, audits=s.audits, repairs=s.repairs, drift_events=len(s.drift),
-                         verified=list(s.verified)) for s in out.sequences]
+                         verified=list(s.verified), **m) for s, m in zip(out.sequences, _draw_meta(seeds))]
+
+
+def _draw_meta(seeds) -> list[dict[str, Any]]:
+    """Each run's draw seed for its meta (nothing when decoding greedily)."""
+    return [{} if s is None else {"draw_seed": s} for s in seeds]
 

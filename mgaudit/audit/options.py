@@ -20,7 +20,10 @@ class AuditOptions(ModelOptions):
     candidate is compared with: None (the candidate's own backend, each prompt alone), ``"local"``
     (the local model alone) or a server URL (that server, each prompt alone). ``tokenizer``: a model
     spec whose tokenizer turns prompts into the token ids sent to servers (the local model's where
-    one is loaded). ``gate``/``threshold``: tau for the severity of differences."""
+    one is loaded). ``gate``/``threshold``: tau for the severity of differences. ``temperature``,
+    ``top_p``, ``top_k``, ``min_p``, ``sample_seed``: how tokens are chosen (temperature 0: greedy;
+    above, seeded sampling, each prompt drawing from a stream derived from ``sample_seed`` and its
+    id, the same for the reference and the candidate: :mod:`mgaudit.decoding.sampling`)."""
 
     endpoint: str | None = None
     reference: str | None = None
@@ -32,10 +35,22 @@ class AuditOptions(ModelOptions):
     tokens_only: bool = False
     engine_note: str | None = None
     reference_cache: bool = True
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float = 0.0
+    sample_seed: int = 0
+
+    def sampling(self):
+        """The :class:`~mgaudit.decoding.sampling.Sampling` of the job."""
+        from ..decoding.sampling import Sampling
+
+        return Sampling(self.temperature, self.top_p, self.top_k, self.min_p, self.sample_seed)
 
     def validate_audit(self) -> None:
         from ..endpoint.client import normalize_base_url
 
+        self.sampling().validate()
         if self.endpoint is not None:
             normalize_base_url(self.endpoint)
         if self.reference not in (None, "local"):

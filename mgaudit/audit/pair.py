@@ -105,7 +105,7 @@ def open_pair(config, *, loaded=None, log: Log | None = None) -> Iterator[Pair]:
             tokenizer, tok_info = load_tokenizer(config.tokenizer, log)
         for b in (candidate_server, reference_server):
             if b is not None:
-                b.chat = config.chat
+                b.chat, b.sampling = config.chat, config.sampling()
                 b.use_tokenizer(tokenizer, tok_info or (local[0].tokenizer_info() if local else None))
         candidate = candidate_server or local_backend()
         if reference_server is not None:

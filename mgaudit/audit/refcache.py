@@ -68,7 +68,7 @@ class ReferenceCache:
         meta = {k: v for k, v in steps.meta.items() if k != "from_cache"}
         atomic_write_json(path, {"format": FORMAT, "version": VERSION, "created": now(), "prompt_id": req.id,
                                  "steps": {**Steps(steps.tokens, steps.top1, steps.top2, steps.runner_up,
-                                                   meta=meta).to_json()}})
+                                                   meta=meta, kind=steps.kind).to_json()}})
         self.stored += 1
 
     def describe(self) -> dict[str, Any]:

@@ -24,6 +24,13 @@ reference's continuation:
 Either way the forced prefix is processed as a prefill, not step by step: on a server the
 teacher-forced steps after a divergence carry the prefill's rounding (``scoring()`` says so).
 Without token ids (chat route) nothing past the first divergence can be scored.
+
+Seeded sampling (``settings.sampling``): every request carries ``temperature``, ``top_p``, its
+prompt's draw seed as ``seed`` and, where given (always on llama.cpp, whose defaults are not
+off), ``top_k`` and ``min_p``. A server does not return its random draws, so a sampled step has
+no margin: the step records the token and the logprob the server gave it (``top1``; ``top2`` is
+NaN), and nothing past a first divergence is scored (a continuation request does not resume the
+server's random stream).
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class EndpointBackend(Backend):
         self.tokens_only, self.engine_note = tokens_only, engine_note
         self.tokenizer, self.tokenizer_info = None, None
         self.chat = True  # prompts go through a chat template (the job's setting)
+        self.sampling = None  # the job's Sampling (None: greedy), for the provenance
         self._loop = asyncio.new_event_loop()
         self._client: EndpointClient | None = None
         self._values: list[float] = []  # logprobs seen (their precision goes into the summary)
@@ -124,10 +132,13 @@ class EndpointBackend(Backend):
                       "device": "endpoint", "engine": info.engine, "tokenizer": self.tokenizer_info},
             "endpoint": {**info.fingerprint, "engine_note": self.engine_note, "tokens_only": self.tokens_only,
                          "slots": info.slots, "route": self.route,
-                         "request": {"temperature": 0, "top_logprobs": None if self.tokens_only else TOP_LOGPROBS,
+                         "request": {**_request_sampling(self.sampling, info.engine),
+                                     "top_logprobs": None if self.tokens_only else TOP_LOGPROBS,
                                      "cache_prompt": "false (cold) alone and in flight; true for the warm cache"
                                      if info.supports_cache_prompt else "not exposed by this server"},
-                         "margins": "none (tokens only)" if self.tokens_only else "top-1 minus top-2 logprob"},
+                         "margins": "none (tokens only)" if self.tokens_only else
+                         "none (sampled: the server's draws are unknown; top-1 holds the logprob of the token taken)"
+                         if self.sampling is not None and not self.sampling.greedy else "top-1 minus top-2 logprob"},
             "versions": {"mgaudit": __version__},
         }
 
@@ -155,9 +166,10 @@ class EndpointBackend(Backend):
     # ------------------------------------------------------------------ requests
 
     def spec(self, req: Request, settings: Settings, *, cache: bool | None = False, forced: Sequence[int] = (),
-             max_tokens: int | None = None, prompt_logprobs: bool = False) -> RequestSpec:
+             max_tokens: int | None = None, prompt_logprobs: bool = False, seed: int | None = None) -> RequestSpec:
         body: dict[str, Any] = {"max_tokens": settings.max_new_tokens if max_tokens is None else max_tokens,
                                 "temperature": 0, "stream": False}
+        body.update(sampling_fields(settings, req, self.info.engine, seed))
         if self.info.model:
             body["model"] = self.info.model
         if req.ids is not None:
@@ -179,12 +191,16 @@ class EndpointBackend(Backend):
             body["cache_prompt"] = bool(cache)
         return RequestSpec(path, body)
 
-    def _steps(self, c: Completion, **meta: Any) -> Steps:
+    def _steps(self, c: Completion, sampled: bool = False, **meta: Any) -> Steps:
         self._values.extend(v for v in c.top1 + c.top2 if math.isfinite(v))
-        return Steps(list(c.tokens), list(c.top1), list(c.top2), list(c.runner_up),
+        n = len(c.tokens)
+        # sampled: the server's draws are unknown, so no margin; top-1 holds the taken token's logprob
+        top1, top2, runner = (c.token_logprobs or [math.nan] * n, [math.nan] * n, [-1] * n) if sampled else \
+            (c.top1, c.top2, c.runner_up)
+        return Steps(list(c.tokens), list(top1), list(top2), list(runner),
                      meta={"finish_reason": c.finish_reason, "seconds": round(c.seconds, 4), "attempts": c.attempts,
                            "cached_tokens": c.cached_tokens, "prompt_tokens": c.prompt_tokens,
-                           "pieces": c.pieces, **meta}, alternatives=c.alternatives)
+                           "pieces": c.pieces, **meta}, alternatives=None if sampled else c.alternatives)
 
     async def _gather(self, specs: list[RequestSpec]) -> list[Completion]:
         # every member runs to its end (no orphaned task logs an unretrieved error); then the first error
@@ -197,8 +213,11 @@ class EndpointBackend(Backend):
     async def _posts(self, specs: list[RequestSpec]) -> list[tuple[dict[str, Any], int, float]]:
         return list(await asyncio.gather(*(self.client.post(s.path, s.body) for s in specs)))
 
-    def one(self, request: Request, settings: Settings, keep_logits: bool = False) -> Steps:
-        return self._steps(self._run(self.client.complete(self.spec(request, settings))))
+    def one(self, request: Request, settings: Settings, keep_logits: bool = False, seed: int | None = None) -> Steps:
+        """One request alone (``seed``: sampled with this seed instead of the prompt's draw seed)."""
+        meta = _seed_meta(settings, request) if seed is None else {"draw_seed": seed}
+        return self._steps(self._run(self.client.complete(self.spec(request, settings, seed=seed))),
+                           not settings.sampling.greedy, **meta)
 
     def grouped(self, requests: Sequence[Request], condition: Condition, settings: Settings,
                 references: Sequence[Steps] | None, on_done: Done | None) -> list[Steps]:
@@ -207,7 +226,8 @@ class EndpointBackend(Backend):
             for r in requests:
                 spec = self.spec(r, settings, cache=True)
                 prime = self._run(self.client.complete(spec))
-                out.append(self._steps(self._run(self.client.complete(spec)), cached_tokens_prime=prime.cached_tokens))
+                out.append(self._steps(self._run(self.client.complete(spec)), not settings.sampling.greedy,
+                                       cached_tokens_prime=prime.cached_tokens, **_seed_meta(settings, r)))
                 if on_done:
                     on_done(1)
             return out
@@ -216,7 +236,8 @@ class EndpointBackend(Backend):
         seconds = time.perf_counter() - t0
         if on_done:
             on_done(len(requests))
-        return [self._steps(c, group_seconds=round(seconds, 4)) for c in comps]
+        return [self._steps(c, not settings.sampling.greedy, group_seconds=round(seconds, 4),
+                            **_seed_meta(settings, r)) for r, c in zip(requests, comps)]
 
     # ------------------------------------------------------------------ teacher forcing
 
@@ -246,6 +267,11 @@ class EndpointBackend(Backend):
             if d + 1 < len(ref):
                 pending.append((i, d + 1))
         if not pending:
+            return out
+        if not settings.sampling.greedy:
+            self._scoring["reason"] = ("sampled: a server's draw at a step depends on its random stream, which a "
+                                       "request continuing the reference's tokens does not resume")
+            self._scoring["unscored_sequences"] = self._scoring.get("unscored_sequences", 0) + len(pending)
             return out
         if any(r.ids is None for r in requests) or self.tokens_only:
             self._scoring["reason"] = ("the prompts were sent as chat messages or text (no tokenizer): a server "
@@ -307,6 +333,36 @@ class EndpointBackend(Backend):
                 if p + m + 1 < len(ref) and m < len(got):
                     nxt.append((i, p + m + 1))
             pending = nxt
+
+
+def sampling_fields(settings: Settings, req: Request, engine: str | None, seed: int | None = None) -> dict[str, Any]:
+    """The sampling fields of a request (nothing when greedy): every parameter explicitly, the
+    prompt's draw seed (or ``seed``) as ``seed``; ``top_k``/``min_p`` where given, and always on
+    llama.cpp (its defaults, top-k 40 and min-p 0.05, would apply otherwise)."""
+    s = settings.sampling
+    if s.greedy:
+        return {}
+    out: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p,
+                           "seed": settings.draw_seed(req) if seed is None else seed}
+    if s.top_k is not None or engine == "llama.cpp":
+        out["top_k"] = s.top_k or 0
+    if s.min_p > 0 or engine == "llama.cpp":
+        out["min_p"] = s.min_p
+    return out
+
+
+def _request_sampling(sampling, engine: str | None) -> dict[str, Any]:
+    """What the provenance says about the sampling fields sent."""
+    if sampling is None or sampling.greedy:
+        return {"temperature": 0}
+    fields = sampling_fields(Settings(1, sampling=sampling), None, engine, seed=-1)
+    fields["seed"] = "each prompt's draw seed (from the sample seed and the prompt id)"
+    return fields
+
+
+def _seed_meta(settings: Settings, req: Request) -> dict[str, Any]:
+    seed = settings.draw_seed(req)
+    return {} if seed is None else {"draw_seed": seed}
 
 
 def prompt_logprob_steps(answer: dict[str, Any], prompt_len: int, steps: int) -> Steps | None:

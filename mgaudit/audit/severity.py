@@ -12,6 +12,11 @@ the candidate took another token than the reference is
   broken deterministic mode, a bug;
 * **unknown** where the gap cannot be bounded: no logprobs (a tokens-only server), or the
   candidate's token is not among the reference's listed tokens while those lie within tau.
+
+Under mgaudit's own seeded sampling the gap is measured in the sampling rule's perturbed scores
+(logit units, :mod:`mgaudit.decoding.sampling`): the sampling margin where the candidate took the
+runner-up, and the same tau applies. A server that sampled gives no margin (its draws are
+unknown): its differences are ``unknown``.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ class Threshold:
             return ANOMALOUS, f"the {side} run ended here while the other went on", None
         gap, exact = reference.gap(t, candidate_token)
         if gap is None or not math.isfinite(gap):
-            return UNKNOWN, "no reference logprobs to measure the gap", None
+            return UNKNOWN, "no reference margin (no logprobs, or sampled by a server whose draws are unknown)", None
         if exact:
             if gap < self.tau:
                 return WITHIN_NOISE, f"reference gap {gap:.4g} < tau {self.tau:.4g}", gap

@@ -140,8 +140,11 @@ class TraceDir:
 
         runs: dict[int, Steps] = {}
         for f in sorted(self.path.glob("trace-solo-*.parquet")):
-            t = pq.read_table(f, columns=["prompt_index", "step", "solo_token", "solo_top1_logit",
-                                          "solo_top2_logit", "solo_runner_up"]).to_pydict()
+            names = set(pq.read_schema(f).names)
+            t = pq.read_table(f, columns=["prompt_index", "step", "solo_token", "solo_top1_logit", "solo_top2_logit",
+                                          "solo_runner_up"] + [c for c in ("solo_margin_kind",) if c in names]
+                              ).to_pydict()
+            kinds = t.get("solo_margin_kind")
             order = sorted(range(len(t["step"])), key=lambda k: (t["prompt_index"][k], t["step"][k]))
             for k in order:
                 s = runs.setdefault(int(t["prompt_index"][k]), Steps(meta={"from_traces": f.name}))
@@ -149,6 +152,8 @@ class TraceDir:
                 s.top1.append(float(t["solo_top1_logit"][k]))
                 s.top2.append(float(t["solo_top2_logit"][k]))
                 s.runner_up.append(int(t["solo_runner_up"][k]))
+                if kinds is not None and kinds[k] is not None:  # a sampled run
+                    s.kind = (s.kind or []) + [kinds[k]]
         return runs
 
     def units(self) -> list[dict[str, Any]]:

@@ -45,12 +45,28 @@ NO_REFERENCE_CACHE = typer.Option(False, "--no-reference-cache",
                                        "($MGAUDIT_CACHE/references).")
 
 
+TEMPERATURE = typer.Option(0.0, "--temperature", metavar="T",
+                           help="0 (the default) decodes greedily; above 0, seeded sampling: each prompt draws from "
+                                "its own stream (from --sample-seed and its id), the same alone and in any batch.")
+TOP_P = typer.Option(1.0, "--top-p", metavar="P", help="Sampling: keep the tokens whose probability mass above them is "
+                                                       "below P (1: all).")
+TOP_K = typer.Option(None, "--top-k", metavar="K", help="Sampling: keep the K most likely tokens (ties kept).")
+MIN_P = typer.Option(0.0, "--min-p", metavar="P", help="Sampling: keep tokens at least P times as likely as the most "
+                                                       "likely one (0: all).")
+SAMPLE_SEED = typer.Option(0, "--sample-seed", metavar="N",
+                           help="Sampling: the run's seed; each prompt's draw seed derives from it and the prompt id "
+                                "(sent as `seed` to a server). --seed is another thing: which prompts share a batch.")
+
+
 # --------------------------------------------------------------------------- groups of shared parameters
 
 #: (name, type, typer option): parameters that several commands take, declared once here.
 STACK = (("model", str, MODEL), ("dtype", str, DTYPE), ("device", str, DEVICE), ("attn", str, ATTN))
 SELECTION = (("limit", int, LIMIT), ("no_chat", bool, NO_CHAT))
 OUTPUT = (("quiet", bool, QUIET), ("json_out", bool, JSON))
+#: How tokens are chosen: greedy, or seeded sampling (scan and verify).
+SAMPLING = (("temperature", float, TEMPERATURE), ("top_p", float, TOP_P), ("top_k", int, TOP_K),
+            ("min_p", float, MIN_P), ("sample_seed", int, SAMPLE_SEED))
 #: The audit core's backends, threshold and server client (scan and verify).
 AUDIT = (("endpoint", str, ENDPOINT), ("reference", str, REFERENCE), ("gate", str, GATE),
          ("threshold", float, THRESHOLD), ("engine_note", str, ENGINE_NOTE), ("tokens_only", bool, TOKENS_ONLY),
@@ -94,4 +110,5 @@ def audit_options(ctx: typer.Context, o: Shared) -> dict:
     return dict(model=o.model, dtype=o.dtype, device=o.device, attn_implementation=o.attn, endpoint=o.endpoint,
                 reference=o.reference, tokenizer=o.model if o.endpoint and explicit(ctx, "model") else None,
                 gate=Path(o.gate) if o.gate else None, threshold=o.threshold, timeout=o.timeout, retries=o.retries,
-                tokens_only=o.tokens_only, engine_note=o.engine_note, reference_cache=not o.no_reference_cache)
+                tokens_only=o.tokens_only, engine_note=o.engine_note, reference_cache=not o.no_reference_cache,
+                temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, min_p=o.min_p, sample_seed=o.sample_seed)

@@ -113,6 +113,7 @@ def verify_report(report: dict[str, Any]) -> None:
     if s.get("exactness"):
         console.out.print("checked: " + escape(s["exactness"]))
     _differences(report, ref_name)
+    _sampling(s)
     line = _io_line(s.get("endpoint"))
     if line:
         console.out.print(escape(line))
@@ -121,6 +122,24 @@ def verify_report(report: dict[str, Any]) -> None:
                           "prompt(s) (each server tokenized the text itself): those comparisons do not start from "
                           "the same token ids")
     console.out.print(verdict_line(report))
+
+
+def _sampling(s: dict[str, Any]) -> None:
+    """Seeded sampling: the settings, and for a server whether it honours seeds."""
+    if not s.get("sampling"):
+        return
+    from ..decoding.sampling import Sampling
+
+    console.out.print("sampled: " + escape(Sampling(**s["sampling"]).describe()) +
+                      "; each prompt draws from its own stream (its draw seed is in the report)")
+    seeds = s.get("seeds")
+    if seeds:
+        n = seeds["prompts"]
+        console.out.print(f"seeds: the same request alone again gave the same tokens for {seeds['repeatable']}/{n} "
+                          f"prompts; another seed gave other tokens for {seeds['seed_changes_output']}/{n}: "
+                          + ("the server honours seeds" if seeds["honours_seeds"] else "the server does NOT honour "
+                             "seeds") + ". Its draws are not in its answers: no sampling margins (differences are "
+                          "of unknown severity), no teacher-forced flips past a divergence.")
 
 
 def _reference_name(report: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ from .boundary import guarded
 
 
 @guarded
-@options.takes(options.STACK, options.SELECTION, options.AUDIT, options.OUTPUT)
+@options.takes(options.STACK, options.SELECTION, options.AUDIT, options.SAMPLING, options.OUTPUT)
 def verify_cmd(
     ctx: typer.Context,
     prompts: str = options.PROMPTS_ARG,

@@ -1,4 +1,6 @@
-"""The one greedy decode loop of mgaudit, as a generator of steps.
+"""The one decode loop of mgaudit, as a generator of steps: greedy (the argmax) by default, seeded
+sampling where a rule is given (:class:`mgaudit.decoding.sampling.SampleRule`: temperature 0 is
+this loop without a rule, the same code and the same bits).
 
 Every decoder is a consumer of :func:`greedy`: stock solo decoding and scan's
 batched replays (:mod:`mgaudit.decoding.stock`), the policies with their checks and
@@ -12,6 +14,7 @@ one step. What differs between consumers is a **strategy** passed in:
 * ``advance(cache, fed, positions) -> logits``: one forward of the batch,
   generate-style with a growing padding mask (:class:`Padded`) or any other way
   (the ragged fast path of :mod:`mgaudit.decoding.policies`);
+* the rule that picks each row's token (``rule``: None for the argmax);
 * what the consumer does at each yielded :class:`Step`: record statistics, change
   a row's token (teacher forcing, a verifier's repair, lockstep feeding), or end a
   row without a token (``chosen[b] = None``).
@@ -20,11 +23,14 @@ one step. What differs between consumers is a **strategy** passed in:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
 from . import step as _step
+
+if TYPE_CHECKING:
+    from .sampling import SampleRule
 
 Advance = Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -35,14 +41,15 @@ class Step:
 
     index: int
     logits: torch.Tensor  # [rows, vocab]: the logits this step's tokens are taken from
-    argmax: list[int]
+    token: list[int]  # the rule's token: the argmax (greedy) or the sampled token
     runner_up: list[int]
-    top1: list[float]
+    top1: list[float]  # greedy: the top-1/top-2 logits; sampled: see mgaudit.decoding.sampling
     top2: list[float]
     active: list[bool]  # rows that take a token at this step
-    chosen: list[int | None]  # the token each active row takes (argmax unless changed); None ends the row here
+    chosen: list[int | None]  # the token each active row takes (the rule's unless changed); None ends the row here
     fed: torch.Tensor | None  # [rows, 1]: the tokens whose forward gave these logits (None at the first step)
     positions: torch.Tensor  # [rows, 1]: their positions
+    kind: list[str | None] | None = None  # sampled: which margin is the smaller, per row
 
     def margin(self, b: int) -> float:
         return self.top1[b] - self.top2[b]
@@ -70,16 +77,19 @@ def padded_prefill(model, prompts: Sequence[Sequence[int]], pad_id: int, cache=N
     return logits, cache, positions[:, -1:], Padded(model, mask)
 
 
-def argmax_choice(step: Step) -> list[int | None]:
-    """The token each active row takes unless the consumer changes it: its argmax (temperature 0).
-    The one place the loop chooses a token (``greedy(choose=...)`` takes another rule)."""
-    return [t if a else None for t, a in zip(step.argmax, step.active)]
+def pick(logits: torch.Tensor, index: int, active: Sequence[bool], rule: "SampleRule | None"):
+    """(token, runner-up, top1, top2, kind) per row: the argmax at temperature 0 (``rule`` None),
+    else the rule's draw for step ``index``. The one place a token is chosen."""
+    if rule is None:
+        return (*_step.top2_stats(logits), None)
+    p = rule.pick(logits, index, active)
+    return p.token, p.runner_up, p.top1, p.top2, p.kind
 
 
 def greedy(logits: torch.Tensor | None, cache, positions: torch.Tensor, advance: Advance, *,
            eos_ids: Sequence[int], pad_id: int, budgets: Sequence[int], stop_at_eos: bool = True,
-           fed: torch.Tensor | None = None, choose: Callable[[Step], list] = argmax_choice) -> Iterator[Step]:
-    """Greedy decoding from the prefill's ``logits`` and ``cache``.
+           fed: torch.Tensor | None = None, rule: "SampleRule | None" = None) -> Iterator[Step]:
+    """Decoding from the prefill's ``logits`` and ``cache``: greedy, or sampled by ``rule``.
 
     ``positions``: ``[rows, 1]``, the position of each row's last token already in ``cache``.
     ``budgets``: per row, the most tokens it takes. ``stop_at_eos``: a row ends after taking an EOS
@@ -88,7 +98,7 @@ def greedy(logits: torch.Tensor | None, cache, positions: torch.Tensor, advance:
     at ``positions + 1``. Yields one :class:`Step` per step; after the consumer returns control,
     every active row takes ``chosen[b]`` (``choose``'s token unless the consumer changed it; None
     ends the row), finished rows are fed ``pad_id``, and the batch advances by one forward, until
-    every row has ended.
+    every row has ended. ``rule``'s counters count this loop's steps (a replay gives it its offset).
     """
     if fed is not None:
         positions = positions + 1
@@ -100,10 +110,10 @@ def greedy(logits: torch.Tensor | None, cache, positions: torch.Tensor, advance:
     index = 0
     device = logits.device
     while not all(done):
-        argmax, runner_up, top1, top2 = _step.top2_stats(logits)
         active = [not d for d in done]
-        step = Step(index, logits, argmax, runner_up, top1, top2, active, [], fed, positions)
-        step.chosen = choose(step)
+        token, runner_up, top1, top2, kind = pick(logits, index, active, rule)
+        step = Step(index, logits, token, runner_up, top1, top2, active,
+                    [t if a else None for t, a in zip(token, active)], fed, positions, kind)
         yield step
         feed = []
         for b in range(rows):

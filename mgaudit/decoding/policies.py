@@ -1,5 +1,7 @@
-"""Batched greedy decoding under a policy (:mod:`mgaudit.decoding.policy`), with margin-gated
-verification and drift audits, on the one loop (:func:`mgaudit.decoding.loop.greedy`).
+"""Batched decoding under a policy (:mod:`mgaudit.decoding.policy`), with margin-gated
+verification and drift audits, on the one loop (:func:`mgaudit.decoding.loop.greedy`): greedy, or
+seeded sampling (``sampling``, :mod:`mgaudit.decoding.sampling`: each prompt draws from its own
+stream, so a check or a replay at batch size 1 re-derives exactly the token the prompt alone takes).
 
 ``none``
     What ``generate`` does with a batch: left-padded batched prefill and decode
@@ -64,6 +66,7 @@ from .packed import packed_prefill, supported as packed_supported
 from .policy import AUDIT_EVERY, CONTRACTS, EXACT, FAST_PATHS, POLICIES, DecodePolicy  # noqa: F401  (re-exported)
 from .ragged import bucketed_attention, ragged_step
 from .results import DecodeOutput, DriftEvent, SequenceResult  # noqa: F401  (re-exported)
+from .sampling import GREEDY, Sampling, sample_rule
 from .step import left_pad, new_cache
 from ..errors import UsageError
 
@@ -108,15 +111,17 @@ def _resolve(model, policy: DecodePolicy, plan: Plan | None, rows: int) -> _Part
 class _Batch:
     """The state of one batch being decoded; :func:`decode_batch`'s loop is the only thing that advances it."""
 
-    def __init__(self, model, prompts, parts: _Parts, budgets, eos_ids, pad_id, keep_logits, row_offset, forced):
-        self.model, self.parts = model, parts
+    def __init__(self, model, prompts, parts: _Parts, budgets, eos_ids, pad_id, keep_logits, row_offset, forced,
+                 rule=None):
+        self.model, self.parts, self.rule = model, parts, rule
         self.device = model.device
         self.bsz = len(prompts)
         self.eos = set(int(e) for e in eos_ids)
         self.pad_id = pad_id
         self.budgets = budgets
         self.forced = forced
-        self.results = [SequenceResult(logits=[] if keep_logits else None) for _ in range(self.bsz)]
+        self.results = [SequenceResult(logits=[] if keep_logits else None, kind=[] if rule is not None else None)
+                         for _ in range(self.bsz)]
         self.lengths = [len(p) for p in prompts]
         # the batch-invariant attention pads rows to a multiple of `bucket` columns from these zero columns
         self.zero_columns = parts.bucket - 1 if parts.bucket else 0
@@ -175,6 +180,13 @@ class _Batch:
         """Row ``b``'s columns up to ``end`` as a batch-1 cache (with the zero columns, if any)."""
         return row_cache(self.model, cache, b, self.starts[b] - self.zero_columns, end)
 
+    def choose(self, b: int, logits: torch.Tensor, step: int) -> int:
+        """The token row ``b`` takes at ``step`` from batch-1 ``logits`` ``[1, vocab]``: the argmax, or
+        the row's own draw for that step."""
+        if self.rule is None:
+            return int(torch.argmax(logits, dim=-1)[0])
+        return self.rule.row(b, step).pick(logits, 0).token[0]
+
     def fed_at(self, b: int, step: int) -> int:
         """The token row ``b`` was fed after ``step``: its choice there, or the forced token."""
         return self.forced[b][step] if self.forced is not None else self.results[b].tokens[step]
@@ -205,8 +217,10 @@ def decode_batch(
     keep_logits: bool = False,
     row_offset: int = 0,
     forced: Sequence[Sequence[int]] | None = None,
+    rule=None,
 ) -> list[SequenceResult]:
-    """Greedy-decode one batch of prompts under ``policy``.
+    """Decode one batch of prompts under ``policy``: greedy, or sampled by ``rule`` (a
+    :class:`mgaudit.decoding.sampling.SampleRule` over the batch's rows).
 
     ``plan`` (a :class:`mgaudit.decoding.kernels.Plan`) says how each op runs on the ragged path
     (default: the contract's kernels, or ``policy.max_rows`` rows per product, else batched);
@@ -215,10 +229,10 @@ def decode_batch(
     """
     parts = _resolve(model, policy, plan, len(prompts))
     budgets = [len(f) for f in forced] if forced is not None else [max_new_tokens] * len(prompts)
-    st = _Batch(model, prompts, parts, budgets, eos_ids, pad_id, keep_logits, row_offset, forced)
+    st = _Batch(model, prompts, parts, budgets, eos_ids, pad_id, keep_logits, row_offset, forced, rule)
     logits, cache, positions, advance = st.prefill(prompts)
     for s in greedy(logits, cache, positions, advance, eos_ids=eos_ids, pad_id=pad_id, budgets=budgets,
-                    stop_at_eos=forced is None):
+                    stop_at_eos=forced is None, rule=rule):
         st.done = [not a for a in s.active]
         marks = _Marks([False] * st.bsz, [False] * st.bsz, [False] * st.bsz,
                        [s.logits[b] for b in range(st.bsz)] if keep_logits else None)
@@ -235,6 +249,8 @@ def decode_batch(
             r.verified.append(marks.verified[b])
             r.repaired.append(marks.repaired[b])
             r.audited.append(marks.audited[b])
+            if r.kind is not None:
+                r.kind.append(s.kind[b])
             if keep_logits:
                 r.logits.append(marks.logits[b].detach().float().cpu().clone())
             if forced is not None:
@@ -262,7 +278,7 @@ def _check_step(st: _Batch, s, cache, policy: DecodePolicy, marks: _Marks) -> No
         marks.audited[b] = not low
         if st.parts.checks == "keep":
             # always, or the paper's padded gate: keep the verifier's token and K/V column
-            s_tok = int(torch.argmax(solo_logits, dim=-1))
+            s_tok = st.choose(b, solo_logits, s.index)
             write_columns(cache, one, b)
             if s_tok != s.chosen[b]:
                 marks.repaired[b] = True
@@ -329,7 +345,7 @@ def _repair_row(st: _Batch, s, cache, b: int, what: str, one, solo_logits, marks
         s.chosen[b] = None  # nothing more for this row
         event.token_changed = True
         return event
-    s.chosen[b] = int(torch.argmax(logits_b, dim=-1)[0])
+    s.chosen[b] = st.choose(b, logits_b, step)
     if marks.logits is not None:
         marks.logits[b] = logits_b[0]
     st.certified[b] = step
@@ -340,8 +356,8 @@ def _repair_row(st: _Batch, s, cache, b: int, what: str, one, solo_logits, marks
 def _replay(st: _Batch, cache, b: int, c: int, step: int):
     """Row ``b``'s cache restored to its last checked step ``c``, then steps ``c+1..step`` replayed
     at batch size 1 on the one loop, from the token fed after step ``c``; each replayed step's
-    choice (greedy, or under forcing the recorded choice while the forced token is fed) replaces
-    the fast path's. Returns (the row cache, the logits of ``step`` or None if the row ended at
+    choice (the argmax or the row's draw for that step, recorded; under forcing the forced token is
+    fed) replaces the fast path's. Returns (the row cache, the logits of ``step`` or None if the row ended at
     an EOS first, steps replayed)."""
     r = st.results[b]
     # columns up to the one fed at step c: [starts[b], width + c)
@@ -349,20 +365,21 @@ def _replay(st: _Batch, cache, b: int, c: int, step: int):
     fed = torch.tensor([[st.fed_at(b, c)]], dtype=torch.long, device=st.device)
     last = torch.tensor([[st.lengths[b] + c - 1]], dtype=torch.long, device=st.device)
     logits_b, replayed = None, 0
+    rule = st.rule.row(b, c + 1) if st.rule is not None else None
     for t in greedy(None, one, last, st.solo_step, eos_ids=st.eos, pad_id=st.pad_id, budgets=[step - c],
-                    stop_at_eos=st.forced is None, fed=fed):
+                    stop_at_eos=st.forced is None, fed=fed, rule=rule):
         j = c + 1 + t.index
         logits_b = t.logits
         replayed += 1
         if j == step:
             break
-        r.tokens[j] = t.argmax[0]  # top-1/top-2 stay the fast path's (what the gate saw)
+        r.tokens[j] = t.token[0]  # top-1/top-2 stay the fast path's (what the gate saw)
         r.verified[j], r.audited[j] = True, True
         if r.logits is not None:
             r.logits[j] = logits_b[0].detach().float().cpu().clone()
         if st.forced is not None:
             t.chosen[0] = st.forced[b][j]
-        elif t.argmax[0] in st.eos:
+        elif t.token[0] in st.eos:
             # the row ends earlier than the fast path said
             r._truncate(j + 1)
             st.done[b] = True
@@ -374,22 +391,27 @@ def _replay(st: _Batch, cache, b: int, c: int, step: int):
 
 
 def reference_decode(model, prompt: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int],
-                     contract: str = "solo", keep_logits: bool = False) -> SequenceResult:
+                     contract: str = "solo", keep_logits: bool = False, sampling: Sampling = GREEDY,
+                     seed: int | None = None) -> SequenceResult:
     """The batch-1 reference a policy is checked against under ``contract``.
 
-    ``solo``: stock kernels, what ``generate`` gives for the prompt alone.
-    ``batch-invariant``: the same prompt alone through the fixed-row-count kernels.
+    ``solo``: stock kernels, what ``generate`` gives for the prompt alone (greedy) or mgaudit's
+    sampler on those logits. ``batch-invariant``: the same prompt alone through the
+    fixed-row-count kernels. ``sampling``/``seed``: the prompt's draw seed (see :func:`decode`).
     """
     from .stock import solo_decode
 
+    rule = sample_rule(sampling, [seed if seed is not None else sampling.draw_seed("0")])
     if contract == "solo":
-        tr = solo_decode(model, prompt, max_new_tokens, eos_ids, keep_logits=keep_logits)
+        tr = solo_decode(model, prompt, max_new_tokens, eos_ids, keep_logits=keep_logits, rule=rule)
         n = len(tr)
         return SequenceResult(tokens=list(tr.tokens), top1=list(tr.top1), top2=list(tr.top2),
                               runner_up=list(tr.runner_up), verified=[False] * n, repaired=[False] * n,
-                              audited=[False] * n, logits=[t.float() for t in tr.logits] if keep_logits else None)
+                              audited=[False] * n, logits=[t.float() for t in tr.logits] if keep_logits else None,
+                              kind=tr.kind)
     pol = DecodePolicy("invariant", contract=contract)
-    return decode_batch(model, [prompt], pol, max_new_tokens, eos_ids, pad_id=0, keep_logits=keep_logits)[0]
+    return decode_batch(model, [prompt], pol, max_new_tokens, eos_ids, pad_id=0, keep_logits=keep_logits,
+                        rule=rule)[0]
 
 
 def decode(
@@ -404,16 +426,26 @@ def decode(
     keep_logits: bool = False,
     probe_report=None,
     forced: Sequence[Sequence[int]] | None = None,
+    sampling: Sampling = GREEDY,
+    seeds: Sequence[int] | None = None,
 ) -> DecodeOutput:
     """Decode ``prompts`` in consecutive batches of ``batch_size`` under ``policy``.
 
     ``probe_report``: the probe to plan with (default: :func:`mgaudit.decoding.invariance.probe`
     on this machine, cached). ``forced``: per prompt, the tokens to feed (teacher forcing; see the
-    module doc); ``max_new_tokens`` is then ignored.
+    module doc); ``max_new_tokens`` is then ignored. ``sampling``: greedy (the default) or seeded
+    sampling; ``seeds``: per prompt, its draw seed (default: ``sampling.draw_seed(str(i))`` for the
+    prompt at position ``i``; the CLI derives them from the prompt ids). Prompt ``i`` is identical
+    to ``reference_decode(..., sampling=sampling, seed=seeds[i])`` under an exact policy.
     """
     policy.validate(batch_size)
+    sampling.validate()
     if forced is not None and len(forced) != len(prompts):
         raise UsageError(f"`forced` holds {len(forced)} token lists for {len(prompts)} prompts")
+    if seeds is None:
+        seeds = [sampling.draw_seed(str(i)) for i in range(len(prompts))]
+    elif len(seeds) != len(prompts):
+        raise UsageError(f"`seeds` holds {len(seeds)} draw seeds for {len(prompts)} prompts")
     _check_architecture(model, policy)
     plan, evidence = None, None
     rows = min(batch_size, len(prompts))
@@ -423,9 +455,11 @@ def decode(
     out: list[SequenceResult] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
+        rule = sample_rule(sampling, seeds[start:start + batch_size], policy.threshold)
         out.extend(decode_batch(model, batch, policy, max_new_tokens, eos_ids, pad_id, plan=plan,
                                 keep_logits=keep_logits, row_offset=start,
-                                forced=forced[start:start + batch_size] if forced is not None else None))
+                                forced=forced[start:start + batch_size] if forced is not None else None,
+                                rule=rule))
         if on_batch:
             on_batch(len(batch))
     seconds = time.perf_counter() - t0
@@ -435,7 +469,8 @@ def decode(
         max_rows = policy.max_rows or min(chunks)
     return DecodeOutput(out, seconds, max_rows, plan=plan.describe() if plan else {},
                         lowered=list(plan.lowered) if plan else [], probe=evidence, contract=policy.contract,
-                        audit_every=policy.audit_every if policy.audits else None)
+                        audit_every=policy.audit_every if policy.audits else None,
+                        sampling=None if sampling.greedy else {**sampling.key(), "seeds": list(seeds)})
 
 
 def _planned(model, policy: DecodePolicy, rows: int, report) -> tuple[Plan, dict[str, Any]]:

@@ -40,6 +40,7 @@ class SequenceResult:
     audited: list[bool] = field(default_factory=list)  # checked because an audit was due (not the margin)
     drift: list[DriftEvent] = field(default_factory=list)
     logits: list[torch.Tensor] | None = None  # per step, when asked (keep_logits)
+    kind: list[str | None] | None = None  # sampled: which margin is the smaller per step (mgaudit.decoding.sampling)
 
     @property
     def margins(self) -> list[float]:
@@ -59,7 +60,8 @@ class SequenceResult:
         return sum(self.repaired)
 
     def _truncate(self, n: int) -> None:
-        for lst in (self.tokens, self.top1, self.top2, self.runner_up, self.verified, self.repaired, self.audited):
+        for lst in (self.tokens, self.top1, self.top2, self.runner_up, self.verified, self.repaired, self.audited,
+                    self.kind if self.kind is not None else []):
             del lst[n:]
         if self.logits is not None:
             del self.logits[n:]
@@ -75,6 +77,7 @@ class DecodeOutput:
     probe: dict[str, Any] | None = None  # the probe's evidence (ragged path)
     contract: str = "solo"
     audit_every: int | None = None
+    sampling: dict[str, Any] | None = None  # seeded sampling: its settings and each prompt's draw seed
 
     @property
     def drift_events(self) -> list[DriftEvent]:

@@ -48,6 +48,7 @@ class Completion:
     started: float = 0.0  # perf_counter at send (for overlap accounting)
     pieces: list[str] | None = None  # the server's text of each token, where it sends it
     alternatives: list[list[tuple[int, float]]] | None = None  # per step: (id, logprob) listed, best first
+    token_logprobs: list[float] | None = None  # the logprob the server gave each token it took (sampled runs)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -212,6 +213,18 @@ def token_pieces(choice: dict[str, Any]) -> list[str] | None:
         return [str(step.get("token", "")) if isinstance(step, dict) else "" for step in lp["content"]]
     if isinstance(lp.get("tokens"), list):
         return [str(t) for t in lp["tokens"]]
+    return None
+
+
+def taken_logprobs(choice: dict[str, Any]) -> list[float] | None:
+    """The logprob the server reported for each token it took (None where it sent none)."""
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict):
+        return None
+    if isinstance(lp.get("content"), list):
+        return [_fnum(step.get("logprob")) if isinstance(step, dict) else math.nan for step in lp["content"]]
+    if isinstance(lp.get("token_logprobs"), list):
+        return [_fnum(v) for v in lp["token_logprobs"]]
     return None
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import UsageError
-from .answers import Completion, EndpointError, TokenMap, parse_choice, token_pieces
+from .answers import Completion, EndpointError, TokenMap, parse_choice, taken_logprobs, token_pieces
 
 #: Environment variables read for the API key, first match wins.
 API_KEY_ENV = ("MGAUDIT_API_KEY", "OPENAI_API_KEY")
@@ -305,7 +305,8 @@ class EndpointClient:
         details = usage.get("prompt_tokens_details") or {}
         return Completion(steps.tokens, steps.top1, steps.top2, steps.runner_up, text, choice.get("finish_reason"),
                           seconds, attempts, details.get("cached_tokens") if isinstance(details, dict) else None,
-                          usage.get("prompt_tokens"), started, token_pieces(choice), steps.alternatives)
+                          usage.get("prompt_tokens"), started, token_pieces(choice), steps.alternatives,
+                          taken_logprobs(choice))
 
 
 def _int(x: Any) -> int | None:

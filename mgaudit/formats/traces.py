@@ -11,6 +11,14 @@ One row compares one step of a *reference* run (the ``solo_*`` columns: the prom
 decoded alone, by the same backend or by the one ``--reference`` names) with the same
 step of a *candidate* run (the ``batched_*`` columns: the prompt decoded under the
 row's ``condition`` at ``batch_size``).
+
+Greedy rows and sampled rows share the schema. In a sampled row (seeded sampling, see
+:mod:`mgaudit.decoding.sampling`) the ``*_token`` columns hold the sampled tokens, the
+``*_top1_logit`` columns the sampled token's perturbed logit (logit + T * Gumbel), the
+``*_margin`` columns the step's sampling margin in logit units (``*_top2_logit`` is top-1 minus
+it), ``*_margin_kind`` which of its two parts was the smaller, and ``draw_seed``/``draw_counter``
+the identity of the draw (the prompt's stream and the step). Version 3 files (greedy only) are
+read as rows whose four sampling columns are null.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from ..errors import TraceError
 from . import parquet
 from .parquet import PROVENANCE_KEY
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 
 #: One row per (prompt, condition, batch size, round, mode, step). ``mode`` is "solo" (the
 #: reference run itself: batched_* repeat solo_*), "sync" (the candidate is fed the reference's
@@ -72,20 +80,41 @@ TRACE_FIELDS: list[pa.Field] = [
     # reference's margin < tau and the candidate took its runner-up: rounding can explain it)
     # or "anomalous"; null elsewhere (see mgaudit.audit.severity)
     pa.field("severity", pa.string(), nullable=True),
+    # seeded sampling (null when greedy): the draw's identity, the prompt's draw seed and the
+    # counter of this step's draw, and per side which margin was the smaller: "sample" (the gap
+    # between the two best perturbed logits), "mask" (a top-k/top-p/min-p cut-off), "horizon" (both
+    # at least the horizon the margin is resolved to; the margin then records the horizon)
+    pa.field("draw_seed", pa.int64(), nullable=True),
+    pa.field("draw_counter", pa.int32(), nullable=True),
+    pa.field("solo_margin_kind", pa.string(), nullable=True),
+    pa.field("batched_margin_kind", pa.string(), nullable=True),
 ]
+#: The sampling columns: null in greedy rows.
+SAMPLING_COLUMNS = ("draw_seed", "draw_counter", "solo_margin_kind", "batched_margin_kind")
 TRACE_SCHEMA = pa.schema(TRACE_FIELDS)
 TRACE_COLUMNS = [f.name for f in TRACE_FIELDS]
 MODES = ("solo", "sync", "free")
 
 
+def _greedy_default(rows: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    """Rows built without the sampling columns are greedy rows: those columns are null."""
+    for r in rows:
+        yield r if "draw_seed" in r else {**dict.fromkeys(SAMPLING_COLUMNS), **r}
+
+
 def rows_to_table(rows: Iterable[dict[str, Any]], provenance: dict[str, Any]) -> pa.Table:
     """Trace rows as a table (schema and metadata from :mod:`mgaudit.formats.parquet`)."""
-    return parquet.table(rows, TRACE_SCHEMA, SCHEMA_VERSION, provenance)
+    return parquet.table(_greedy_default(rows), TRACE_SCHEMA, SCHEMA_VERSION, provenance)
+
+
+class _TraceWriter(parquet.TableWriter):
+    def write(self, rows):
+        return super().write(list(_greedy_default(rows)))
 
 
 def trace_writer(path: Path, provenance: dict[str, Any]) -> parquet.TableWriter:
     """The writer of one trace file (see :class:`mgaudit.formats.parquet.TableWriter`)."""
-    return parquet.TableWriter(path, TRACE_SCHEMA, SCHEMA_VERSION, provenance)
+    return _TraceWriter(path, TRACE_SCHEMA, SCHEMA_VERSION, provenance)
 
 
 def trace_files(path: Path) -> list[Path]:
@@ -181,11 +210,21 @@ class RowKey:
     batch_index: int = 0
     row: int = 0
     pad_len: int = 0
+    draw_seed: int | None = None  # seeded sampling: the prompt's draw seed (the counter is the step)
 
     def columns(self) -> dict[str, Any]:
         return {"prompt_id": self.prompt_id, "prompt_index": self.prompt_index, "condition": self.condition,
                 "batch_size": self.batch_size, "round": self.round, "batch_index": self.batch_index,
                 "row": self.row, "pad_len": self.pad_len, "prompt_len": self.prompt_len}
+
+
+def _kind(run, t: int) -> str | None:
+    kind = getattr(run, "kind", None)
+    return kind[t] if kind is not None and t < len(kind) else None
+
+
+def _draw(key: RowKey, t: int) -> dict[str, Any]:
+    return {"draw_seed": key.draw_seed, "draw_counter": None if key.draw_seed is None else t}
 
 
 def solo_rows(key: RowKey, r) -> list[dict[str, Any]]:
@@ -194,6 +233,7 @@ def solo_rows(key: RowKey, r) -> list[dict[str, Any]]:
     base = key.columns()
     for t in range(len(r.tokens)):
         m = r.top1[t] - r.top2[t]
+        kind = _kind(r, t)
         rows.append({
             **base, "mode": "solo", "step": t,
             "solo_token": r.tokens[t], "batched_token": r.tokens[t],
@@ -201,7 +241,8 @@ def solo_rows(key: RowKey, r) -> list[dict[str, Any]]:
             "solo_top1_logit": r.top1[t], "solo_top2_logit": r.top2[t],
             "batched_top1_logit": r.top1[t], "batched_top2_logit": r.top2[t],
             "solo_margin": m, "batched_margin": m, "flip": False, "prefix_match": True, "first_divergence": False,
-            "max_abs_logit_diff": None, "severity": None,
+            "max_abs_logit_diff": None, "severity": None, **_draw(key, t),
+            "solo_margin_kind": kind, "batched_margin_kind": kind,
         })
     return rows
 
@@ -239,6 +280,8 @@ def pair_rows(mode: str, key: RowKey, solo, batched, severity: SeverityFn | None
             "prefix_match": matched, "first_divergence": first,
             "max_abs_logit_diff": diffs[t] if (diffs is not None and b_ok and t < len(diffs) and prefix) else None,
             "severity": severity(solo, batched, t) if (first and severity is not None) else None,
+            **_draw(key, t), "solo_margin_kind": _kind(solo, t) if s_ok else None,
+            "batched_margin_kind": _kind(batched, t) if b_ok else None,
         })
         if mode != "sync":  # teacher forcing keeps the prefixes equal
             prefix = prefix and st == bt
