@@ -309,7 +309,7 @@ class Sweep:
         not_run += [{"axis": a, "reason": "not asked for (`axes`)"} for a in AXES if a not in self.spec.axes]
         return Card(engine=engine, sweep=self._what_ran(series), series=series, onsets=onsets,
                     position=position_onset(series), expectation=expectation(onsets, engine), not_run=not_run,
-                    requests=self._requests(units), provenance=provenance)
+                    notes=cache_notes(series, engine), requests=self._requests(units), provenance=provenance)
 
     def _series(self, units: list[outcomes.UnitOutcome]) -> list[dict[str, Any]]:
         steps = self.settings.max_new_tokens
@@ -382,3 +382,19 @@ def expectation(onsets: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any
     return {"arrival": "together", "identical_up_to": level, "prefix_cache": cache,
             "statement": f"identical up to {level} in flight{words}" if level else
             "not even identical alone, run to run: nothing to expect under load"}
+
+
+def cache_notes(series: list[dict[str, Any]], engine: dict[str, Any]) -> list[str]:
+    """Warm-cache rows whose requests found nothing cached compare two cold runs: say so."""
+    block = (engine.get("prefix_cache") or {}).get("block_size")
+    out = []
+    for s in series:
+        if s["axis"] != "cache" or not s["name"].startswith("warm"):
+            continue
+        cached = s["rows"][0].get("cached_prompt_tokens")
+        if cached is None:
+            out.append(f"cache {s['name']}: the server does not say how many prompt tokens it found cached")
+        elif cached == 0:
+            out.append(f"cache {s['name']}: the server found no prompt tokens cached, so this row compares two "
+                       "cold runs" + (f" (it caches whole blocks of {block} tokens)" if block else ""))
+    return out

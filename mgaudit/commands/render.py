@@ -102,6 +102,8 @@ def card_summary(card, out: Path) -> None:
         console.out.print(f"expectation (verify --card): {escape(card.expectation['statement'])}")
     for x in card.not_run:
         console.out.print(f"not run: {x['axis']} ({escape(as_flags(x['reason']))})")
+    for n in card.notes:
+        console.out.print(f"note: {escape(n)}")
     q = card.requests
     console.out.print(f"requests: {q['candidate']} audited, {q['reference']} reference runs, {q['retried']} retried. "
                       f"Card: {', '.join(str(out / f) for f in FILES)}")

@@ -14,7 +14,8 @@ from taking them for data, as with ``_scan.json`` and ``_summary.json``.
   onset (:func:`mgaudit.audit.outcomes.onset`);
 * ``onsets``, ``position``: the onset of each concurrency series, the earliest divergence by token;
 * ``expectation``: what ``verify --card`` checks in CI;
-* ``not_run``: axes left out, and why; ``requests``: sent, retried, the plan's bound;
+* ``not_run``: axes left out, and why; ``notes``: what else a reader must know (a warm cache that
+  found nothing cached); ``requests``: sent, retried, the plan's bound;
 * ``provenance``: the scan's provenance (prompts, configuration, versions, time).
 """
 
@@ -43,6 +44,7 @@ class Card(Document):
     position: dict[str, Any] | None = None
     expectation: dict[str, Any] | None = None
     not_run: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     requests: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     format: str = CARD_FORMAT
@@ -134,7 +136,8 @@ def markdown(card: Card) -> str:
     prov = card.provenance or {}
     prompts = (prov.get("prompts") or {}).get("name", "?")
     lines = [f"## Determinism card: {engine_line(e)}", "",
-             f"Model `{e.get('model')}`" + (f" ({e['model_path']})" if e.get("model_path") else "")
+             f"Model `{e.get('model')}`" + (f" ({e['model_path']})" if e.get("model_path") not in (None, e.get("model"))
+                                            else "")
              + f" at {e.get('url')}" + (f"; engine note: {e['engine_note']}" if e.get("engine_note") else "") + ".",
              f"Sweep: {sw['prompts']} prompts ({prompts}), {sw['max_new_tokens']} new tokens, {sw['rounds']} "
              f"round(s), up to {sw['top']} in flight (levels {', '.join(map(str, sw['levels']))}"
@@ -158,6 +161,7 @@ def markdown(card: Card) -> str:
             lines += [f"| {s['name']} | " + " | ".join(row_cells(r).values()) + " |" for r in s["rows"]]
     if card.not_run:
         lines += ["", "Not run: " + "; ".join(f"{x['axis']} ({x['reason']})" for x in card.not_run) + "."]
+    lines += [f"\nNote: {n}." for n in card.notes]
     q = card.requests
     lines += ["", f"Requests: {q.get('candidate')} audited, {q.get('reference')} reference runs (the plan's bound: "
                   f"{q.get('bound')}), {q.get('retried')} retried after a transient failure. Identical = the same "
