@@ -122,8 +122,6 @@ def plot_card(card, path: Path, dpi: int = 110) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .formats.card import engine_line
-
     fig = Figure(figsize=(12, 8), dpi=dpi)
     FigureCanvasAgg(fig)
     (a, b), (c, d) = fig.subplots(2, 2)
@@ -176,7 +174,7 @@ def plot_card(card, path: Path, dpi: int = 110) -> Path:
     d.set_title("(d) flip rate against token position")
     a.legend(fontsize=7, loc="lower left")
     c.legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"{engine_line(card.engine)}: {card.engine.get('model')}, {card.sweep['prompts']} prompts x "
+    fig.suptitle(f"{card.headline()}: {card.engine.get('model')}, {card.sweep['prompts']} prompts x "
                  f"{card.sweep['rounds']} rounds, {card.sweep['max_new_tokens']} tokens", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

@@ -13,6 +13,10 @@ prompt then picks the runner-up at step 3): a server whose onset is ``flip_at``.
 ``fail_after`` (POSTs after the first ``fail_after_n`` answer 503), ``drop_after`` (they close the
 connection without an answer), ``flaky`` (every ``fail_every``-th POST answers 503: a retry gets
 through). ``/tokenize`` answers 404 outside the request count.
+
+``engine="vllm"`` answers ``/version`` and ``/metrics`` as vLLM does with prefix caching on (block
+size 16): a request without a ``cache_salt`` whose prompt was sent before without one counts its
+5 prompt tokens as cache hits in ``vllm:prefix_cache_hits_total``. ``bodies`` keeps every POST body.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ class FakeServer(CompletionServer):
         self.fail_after_n = 0
         self.flip_at: int | None = None
         self.fail_every = 0
+        self.engine: str | None = None
+        self.bodies: list[dict] = []
+        self.cache_hits, self.cached = 0, set()
 
     # ------------------------------------------------------------------ answers
 
@@ -74,9 +81,14 @@ class FakeServer(CompletionServer):
         return {"object": "chat.completion" if chat else "text_completion", "choices": [choice],
                 "usage": {"prompt_tokens": 5, "completion_tokens": n}}
 
-    def get(self, path: str) -> tuple[int, dict]:
+    def get(self, path: str) -> tuple[int, dict | str]:
         if path == "/v1/models":
             return 200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
+        if self.engine == "vllm" and path == "/version":
+            return 200, {"version": "0.0-fake"}
+        if self.engine == "vllm" and path == "/metrics":
+            return 200, ('vllm:cache_config_info{block_size="16",enable_prefix_caching="True"} 1.0\n'
+                         f'vllm:prefix_cache_hits_total{{engine="0"}} {float(self.cache_hits)}\n')
         return 404, {"error": "not found"}
 
     def instant(self, path: str, body: dict) -> tuple[int, dict] | None:
@@ -92,6 +104,11 @@ class FakeServer(CompletionServer):
         if self.behaviour == "drop_after" and n_post > self.fail_after_n:
             return None
         if path in ("/v1/chat/completions", "/v1/completions"):
+            self.bodies.append(body)
+            if self.engine == "vllm" and "cache_salt" not in body:
+                key = json.dumps(body.get("messages") or body.get("prompt"), sort_keys=True)
+                self.cache_hits += 5 if key in self.cached else 0
+                self.cached.add(key)
             return 200, self.answer(body, path.endswith("chat/completions"), loaded, self.peak.get(n_post, 1))
         return 404, {"error": "not found"}
 

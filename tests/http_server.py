@@ -67,10 +67,10 @@ class CompletionServer:
             def log_message(self, *args):  # keep test output clean
                 pass
 
-            def _send(self, code: int, obj) -> None:
-                data = json.dumps(obj).encode()
+            def _send(self, code: int, obj) -> None:  # a str goes as text (Prometheus metrics), the rest as JSON
+                data = obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()
                 self.send_response(code)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "text/plain" if isinstance(obj, str) else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("Server", server.server_header)
                 self.end_headers()

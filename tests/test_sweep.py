@@ -169,6 +169,22 @@ def test_transient_failures_are_retried_and_counted(tmp_path) -> None:
                                           for r in s["rows"][1:]) + card["series"][0]["rows"][0]["retried_requests"]
 
 
+def test_cold_requests_are_salted_on_vllm_and_warm_hits_are_counted(tmp_path) -> None:
+    prompts = _prompts(tmp_path, 4)
+    with FakeServer(delay=0.02) as srv:
+        srv.engine = "vllm"
+        res = _sweep(srv.url, prompts, tmp_path / "o", "--axes", "cache", "--rounds", "1", "--json")
+    assert res.exit_code == 0, stderr_of(res)
+    card = json.loads(res.stdout)
+    assert card["engine"]["prefix_cache"] == {"enabled": True, "block_size": 16, "switch": "cache_salt",
+                                              "from": "/metrics vllm:cache_config_info"}
+    salts = [b["cache_salt"] for b in srv.bodies if "cache_salt" in b]
+    assert len(salts) == len(set(salts)) == 4 + 4  # reference and alone runs: each a salt of its own
+    assert len([b for b in srv.bodies if "cache_salt" not in b]) == 2 * 4  # primed, then warm
+    warm = next(s for s in card["series"] if s["name"] == "warm")["rows"][0]
+    assert warm["cached_prompt_tokens"] == 5 and card["notes"] == []
+
+
 # --------------------------------------------------------------------------- the other axes, on the tiny model
 
 

@@ -165,6 +165,9 @@ class Sweep:
                                      "mgaudit can read or switch per request")
         elif not cache.get("enabled"):
             self.skipped["cache"] = "the server's prefix cache is off"
+        elif cache.get("switch") is None:
+            self.skipped["cache"] = ("the server's prefix cache is on with no per-request switch: any request may "
+                                     "read a repeated prompt from it, those sent alone included")
         return "cache" not in self.skipped
 
     def _add(self, variant: str, reqs: list[Request] | None) -> None:

@@ -223,20 +223,9 @@ class EndpointClient:
         prefix_cache = None
         st, props, h = await self._get_json(f"{self.root_url}/props")
         if st == 200 and isinstance(props, dict) and ("build_info" in props or "total_slots" in props):
-            engine = "llama.cpp"
-            slots = props.get("total_slots")
-            cache_prompt = True
-            dgs = props.get("default_generation_settings") or {}
-            context = dgs.get("n_ctx") or context
-            fp["props"] = {
-                "build_info": props.get("build_info"),
-                "total_slots": slots,
-                "model_path": props.get("model_path"),
-                "n_ctx": dgs.get("n_ctx"),
-                "chat_template_sha256": hashlib.sha256(str(props.get("chat_template", "")).encode()).hexdigest()
-                if props.get("chat_template") else None,
-                "modalities": props.get("modalities"),
-            }
+            engine, cache_prompt = "llama.cpp", True
+            fp["props"] = _llama_props(props)
+            slots, context = fp["props"]["total_slots"], fp["props"]["n_ctx"] or context
             fp["headers"].update(_engine_headers(h))
             prefix_cache = {"enabled": True, "block_size": None, "switch": "cache_prompt",
                             "note": "per request: cache_prompt (on by default) reuses a slot's earlier prompt"}
@@ -252,6 +241,12 @@ class EndpointClient:
                             engine = "unknown"
         if engine == "vllm":
             slots, prefix_cache = await self._vllm_config(fp)
+        elif engine == "sglang":  # its server arguments (documented; not tried against a running server here)
+            args = fp.get("get_server_info") or {}
+            slots = args.get("max_running_requests")
+            if isinstance(args.get("disable_radix_cache"), bool):
+                prefix_cache = {"enabled": not args["disable_radix_cache"], "block_size": None, "switch": None,
+                                "from": "/get_server_info disable_radix_cache"}
         fp["engine"] = engine
         fp["prefix_cache"] = prefix_cache
         return ServerInfo(self.base_url, self.root_url, model_ids[0] if model_ids else None, engine, fp,
@@ -369,6 +364,16 @@ class EndpointClient:
         return Completion(ids, t1, t2, ru, text, choice.get("finish_reason"), seconds, attempts,
                           details.get("cached_tokens") if isinstance(details, dict) else None,
                           usage.get("prompt_tokens"), started, token_pieces(choice))
+
+
+def _llama_props(props: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a llama.cpp server in its ``/props``."""
+    dgs = props.get("default_generation_settings") or {}
+    template = props.get("chat_template")
+    return {"build_info": props.get("build_info"), "total_slots": props.get("total_slots"),
+            "model_path": props.get("model_path"), "n_ctx": dgs.get("n_ctx"),
+            "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest() if template else None,
+            "modalities": props.get("modalities")}
 
 
 def prometheus_labels(text: str, name: str) -> dict[str, str] | None:

@@ -64,6 +64,10 @@ class Card(Document):
         plot_card(self, paths[2])
         return paths
 
+    def headline(self) -> str:
+        """The engine in one line (:func:`engine_line`)."""
+        return engine_line(self.engine)
+
     @classmethod
     def read(cls, path: Path) -> "Card":
         """A card from its JSON (or the folder a sweep wrote it to)."""
