@@ -49,6 +49,22 @@ def _onset(o: dict | None) -> str:
     return text
 
 
+class Ports:
+    """The port of each server of a run, kept in a file so that ``--resume`` starts them on the same ones."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.ports = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, name: str) -> int:
+        from mgaudit.endpoint.process import free_port
+
+        if name not in self.ports:
+            self.ports[name] = free_port()
+            self.path.write_text(json.dumps(self.ports, indent=2) + "\n")
+        return self.ports[name]
+
+
 def row_of(label: str, flags: str, card, seconds: float) -> dict:
     top = card.sweep["top"]
     pos = card.position
@@ -82,6 +98,7 @@ def main() -> None:
     ap.add_argument("--engines", default="llama,vllm")
     ap.add_argument("--llama-slots", default="1,2,4,8")
     ap.add_argument("--all-axes-slots", default="8", help="slot counts swept on every axis (the others: concurrency)")
+    ap.add_argument("--axes", default=None, help="the axes of every sweep (instead of the two defaults above)")
     ap.add_argument("--llama-concurrency", type=int, default=8, help="highest level for every llama-server")
     ap.add_argument("--ctx-per-slot", type=int, default=2048)
     ap.add_argument("--vllm-seqs", type=int, default=16)
@@ -99,6 +116,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows, t_all = [], time.perf_counter()
+    ports = Ports(args.out / "ports.json")  # a resumed sweep must reach its server at the same URL
     engines = args.engines.split(",")
     if "llama" in engines:
         from mgaudit.endpoint.llama_server import LlamaServer, build_llama_server
@@ -107,8 +125,8 @@ def main() -> None:
         binary, full = build_llama_server(log=print).binary, {int(s) for s in args.all_axes_slots.split(",") if s}
         for s in (int(x) for x in args.llama_slots.split(",")):
             with LlamaServer(binary, default_gguf(), slots=s, ctx=args.ctx_per_slot * s,
-                             log_path=args.out / f"llama-np{s}.log") as srv:
-                axes = list(AXES) if s in full else ["concurrency", "staggered"]
+                             port=ports.get(f"llama-np{s}"), log_path=args.out / f"llama-np{s}.log") as srv:
+                axes = args.axes.split(",") if args.axes else list(AXES) if s in full else ["concurrency", "staggered"]
                 card, secs = sweep(srv.url, args.out / f"llama-np{s}", args, srv.describe(), axes,
                                    args.llama_concurrency)
             rows.append(row_of(f"llama-server, {s} slot{'s' if s > 1 else ''}", srv.describe(), card, secs))
@@ -118,8 +136,9 @@ def main() -> None:
         from mgaudit.models import fetch_default_model
 
         with VllmServer(ensure_vllm(log=print), fetch_default_model("bfloat16"), max_num_seqs=args.vllm_seqs,
-                        log_path=args.out / "vllm.log") as srv:
-            card, secs = sweep(srv.url, args.out / f"vllm-seqs{args.vllm_seqs}", args, srv.describe(), list(AXES),
+                        port=ports.get("vllm"), log_path=args.out / "vllm.log") as srv:
+            axes = args.axes.split(",") if args.axes else list(AXES)
+            card, secs = sweep(srv.url, args.out / f"vllm-seqs{args.vllm_seqs}", args, srv.describe(), axes,
                                args.vllm_concurrency)
         rows.append(row_of(f"vLLM CPU, --max-num-seqs {args.vllm_seqs}", srv.describe(), card, secs))
         print(json.dumps(rows[-1]), flush=True)

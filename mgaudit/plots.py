@@ -119,6 +119,7 @@ def plot_card(card, path: Path, dpi: int = 110) -> Path:
     identical to their run alone (with 95 % intervals) and the per-step flip rate, against requests
     in flight (one line per concurrency series, markers for the other axes' rows) and against token
     position (one line per series, its most loaded row)."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -126,8 +127,9 @@ def plot_card(card, path: Path, dpi: int = 110) -> Path:
     FigureCanvasAgg(fig)
     (a, b), (c, d) = fig.subplots(2, 2)
     seen: set[tuple] = set()  # a row shown in several axes (alone, say) is drawn once
+    palette = matplotlib.colormaps["tab20"]
     for i, s in enumerate(card.series):
-        label, color = f"{s['axis']}: {s['name']}", f"C{i % 10}"
+        label, color = f"{s['axis']}: {s['name']}", palette(i % 20)
         rows = [r for r in s["rows"] if s["axis"] == "concurrency" or (r["condition"], r["variant"], r["level"])
                 not in seen]
         seen.update((r["condition"], r["variant"], r["level"]) for r in s["rows"])

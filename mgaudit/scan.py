@@ -79,6 +79,8 @@ class ScanConfig(AuditOptions):
                                  "another backend", hint="run them as two scans")
             if "free" not in self.modes:
                 raise UsageError("`sweep` needs the free mode (`modes` free or sync,free)")
+            if self.prefix_cache:
+                raise UsageError("`prefix_cache` is one axis of the sweep", hint="drop it; `axes` chooses the axes")
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -210,6 +212,8 @@ class _ScanJob:
         c, pair = self.config, self.pair
         fp = self.fingerprint(prompt_set.sha256)
         sizes = self._sizes(fp) if self.sweep is None else []
+        if self.sweep is not None and c.resume:
+            self.tdir.earlier_sizes(fp)  # refuses a sweep made with other options
         self.provenance = run_provenance(
             _stack(pair), prompt_set, c, count=self.n,
             prompts_extra={"skipped_too_long": skipped}, batch_sizes=sizes, vocabulary=vocabulary,

@@ -73,6 +73,27 @@ def test_long_prompts_reach_their_length_and_differ_from_the_start() -> None:
     assert len({q.messages[-1]["content"][:200] for q in longs}) == len(longs)
 
 
+def test_onset_evidence_from_rows() -> None:
+    from mgaudit.audit.outcomes import onset, position_bins
+    from mgaudit.stats import proportion
+
+    def row(level: int, identical: int, n: int = 24) -> dict:
+        return {"level": level, "sequences": n, "identical": proportion(identical, n)}
+
+    o = onset([row(1, 24), row(2, 24), row(3, 21), row(4, 24), row(8, 20)])
+    assert o["level"] == 3 and o["exact"] and o["identical_up_to"] == 2 and o["identical_above"] == [4]
+    assert o["differing"]["k"] == 3 and o["differing"]["ci95"][0] < 0.125 < o["differing"]["ci95"][1]
+    assert o["below"] == {"level": 2, "sequences": 24, "differing_upper95": 3 / 24}
+    assert "0 of 24" in o["statement"] and "3 of 24" in o["statement"]
+    o = onset([row(1, 24), row(2, 24), row(8, 23)])
+    assert o["level"] == 8 and not o["exact"]  # not bisected (a plan stopped early): said so
+    o = onset([row(1, 23), row(2, 20)])
+    assert o["level"] == 1 and o["below"] is None and o["identical_up_to"] is None  # run to run
+    o = onset([row(1, 24), row(4, 24)])
+    assert o["level"] is None and o["identical_up_to"] == 4 and o["at_top"]["differing_upper95"] == 3 / 24
+    assert position_bins(10) == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 10)]
+
+
 # --------------------------------------------------------------------------- the card of the fake server
 
 
@@ -141,6 +162,8 @@ def test_an_interrupted_sweep_resumes_to_the_same_card(tmp_path) -> None:
         srv.behaviour = "ok"
         resumed = _sweep(srv.url, prompts, tmp_path / "cut", "--axes", "concurrency", "--resume")
         assert resumed.exit_code == 0, stderr_of(resumed)
+        other = _sweep(srv.url, prompts, tmp_path / "cut", "--axes", "concurrency", "--resume", "--rounds", "3")
+        assert_one_line_error(other, "--resume", "sweep")
     a, b = (json.loads((tmp_path / d / "_card.json").read_text()) for d in ("full", "cut"))
     assert _counts(a) == _counts(b) and a["onsets"]["together"]["level"] == ONSET
     frames = [pd.read_parquet(tmp_path / d).sort_values(["condition", "batch_size", "round", "mode", "prompt_id",
@@ -236,5 +259,6 @@ def test_bad_sweep_input_is_one_line(tmp_path, prompts_file) -> None:
         (["--sweep", "--endpoint", url, "--axes", "concurrency,speed"], ("--axes", "speed")),
         (["--sweep", "--endpoint", url, "--batch-sizes", "4"], ("--batch-sizes", "--sweep")),
         (["--endpoint", url, "--rounds", "2"], ("--rounds", "--sweep")),
+        (["--sweep", "--endpoint", url, "--prefix-cache"], ("--prefix-cache", "--axes")),
     ]:
         assert_one_line_error(invoke(base + extra), *needles)

@@ -145,7 +145,9 @@ def level_row(units: list[UnitOutcome], level: int, max_new_tokens: int) -> dict
         for v in s.severities:
             severity[v] = severity.get(v, 0) + 1
     reqs = [r for u in units for r in u.requests]
-    seconds = sum(u.seconds for u in units)
+    # a group's wall time; requests sent one at a time: their own times (a warm request's prime aside)
+    single = units[0].condition in ("alone", "warm-cache")
+    seconds = sum(float(r.get("seconds") or 0) for r in reqs) if single else sum(u.seconds for u in units)
     tokens = sum(int(r.get("tokens") or 0) for r in reqs)
     cached = [r["cached_tokens"] for r in reqs if r.get("cached_tokens") is not None]
     prompt = [s.prompt_len for s in seqs if s.prompt_len] or [int(r["prompt_tokens"]) for r in reqs
