@@ -20,15 +20,18 @@ leaves only complete files and ``resume`` skips what is done.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from .audit.conditions import batch_groups
 from .audit.options import AuditOptions
 from .errors import UsageError
 from .progress import Stage, as_callback
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .audit.sweep import SweepSpec
 
 SOLO_CHUNK = 8
 MODES = ("sync", "free")
@@ -48,6 +51,7 @@ class ScanConfig(AuditOptions):
     overwrite: bool = False
     skip_long: bool = False  # skip prompts that do not fit the context (else: ContextLengthError)
     prefix_cache: bool = False  # a server: also each prompt alone with a warm prompt cache
+    sweep: SweepSpec | None = None  # a server: its determinism sweep and card instead of `batch_sizes`
 
     def validate(self) -> None:
         self.validate_audit()
@@ -66,6 +70,17 @@ class ScanConfig(AuditOptions):
         if self.prefix_cache and self.endpoint is None:
             raise UsageError("`prefix_cache` compares a server's warm and cold prompt cache",
                              hint="give `endpoint` too")
+        if self.sweep is not None:
+            self.sweep.validate()
+            if self.endpoint is None:
+                raise UsageError("`sweep` maps where a server's batching changes its answers", hint="give `endpoint`")
+            if self.reference is not None:
+                raise UsageError("`sweep` compares the server with itself alone; `reference` compares it with "
+                                 "another backend", hint="run them as two scans")
+            if "free" not in self.modes:
+                raise UsageError("`sweep` needs the free mode (`modes` free or sync,free)")
+            if self.prefix_cache:
+                raise UsageError("`prefix_cache` is one axis of the sweep", hint="drop it; `axes` chooses the axes")
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -86,22 +101,7 @@ class ScanResult:
     files_written: int
     files_skipped: int
     seconds: float
-
-
-def batch_groups(n: int, batch_size: int, seed: int) -> list[tuple[list[int], int]]:
-    """Batches of prompt positions: (members, owned). The first ``owned`` members are recorded."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    groups = []
-    for start in range(0, n, batch_size):
-        members = order[start:start + batch_size]
-        owned = len(members)
-        k = 0
-        while len(members) < batch_size:  # fill a short batch with other prompts of the set
-            members.append(order[k % n])
-            k += 1
-        groups.append((members, owned))
-    return groups
+    card: Any = None  # the determinism card of a sweep (mgaudit.formats.card.Card)
 
 
 def cap_batch_sizes(sizes: list[int], n: int) -> tuple[list[int], list[int]]:
@@ -131,25 +131,35 @@ def scan(config: ScanConfig, progress=None, log: Callable[[str], None] | None = 
     tdir.check(config.resume, config.overwrite)  # every output check before any model work
     settings = Settings(config.max_new_tokens, config.chat, sampling=config.sampling())
     with open_pair(config, loaded=loaded, log=log) as pair:
-        if config.prefix_cache and not pair.candidate.info.supports_cache_prompt:
+        if config.prefix_cache and pair.candidate.info.cache_switch is None:
             raise UsageError(f"the server at {pair.candidate.url} ({pair.candidate.info.engine}) exposes no "
-                             "prompt-cache switch", hint="the warm/cold cache axis needs llama.cpp's cache_prompt")
+                             "prompt-cache switch", hint="the warm/cold cache axis needs llama.cpp's cache_prompt "
+                             "or vLLM with prefix caching on (cache_salt)")
         vocabulary = pair.check_vocabularies()
         context = (pair.reference if pair.reference.kind == "local" else pair.candidate).context()
         requests, skipped = build_requests(prompt_set, pair.tokenizer(), settings, context, config.skip_long, log)
-        job = _ScanJob(config, pair, requests, settings, threshold, tdir, as_callback(progress), log)
+        sweep = None
+        if config.sweep is not None:
+            from .audit.sweep import Sweep
+
+            sweep = Sweep(config.sweep, pair.candidate, requests, settings, tokenizer=pair.tokenizer(),
+                          seed=config.seed, out=tdir.path, log=log)
+            requests = sweep.requests
+        job = _ScanJob(config, pair, requests, settings, threshold, tdir, as_callback(progress), log, sweep)
         written, skipped_units = job.run(prompt_set, skipped, vocabulary)
         summary = job.summarize(time.perf_counter() - t0)
-    return ScanResult(Path(config.out), summary, written, skipped_units, time.perf_counter() - t0)
+        card = job.card()
+    return ScanResult(Path(config.out), summary, written, skipped_units, time.perf_counter() - t0, card)
 
 
 class _ScanJob:
     """One scan: the units to run, the reference runs, writing and summarising."""
 
-    def __init__(self, config: ScanConfig, pair, requests, settings, threshold, tdir, report, log):
+    def __init__(self, config: ScanConfig, pair, requests, settings, threshold, tdir, report, log, sweep=None):
         self.config, self.pair, self.requests, self.settings = config, pair, requests, settings
         self.threshold, self.tdir, self.report, self.log = threshold, tdir, report, log
         self.n = len(requests)
+        self.sweep = sweep  # mgaudit.audit.sweep.Sweep: its stages are the plan
 
     # ------------------------------------------------------------------ plan
 
@@ -191,6 +201,8 @@ class _ScanJob:
             fp["reference"] = self.pair.reference.identity()
         if not self.settings.sampling.greedy:
             fp["sampling"] = self.settings.sampling.key()
+        if self.sweep is not None:
+            fp["sweep"] = self.sweep.fingerprint()
         return _jsonable(fp)
 
     # ------------------------------------------------------------------ run
@@ -202,6 +214,27 @@ class _ScanJob:
 
         c, pair = self.config, self.pair
         fp = self.fingerprint(prompt_set.sha256)
+        sizes = self._sizes(fp) if self.sweep is None else []
+        if self.sweep is not None and c.resume:
+            self.tdir.earlier_sizes(fp)  # refuses a sweep made with other options
+        self.provenance = run_provenance(
+            _stack(pair), prompt_set, c, count=self.n,
+            prompts_extra={"skipped_too_long": skipped}, batch_sizes=sizes, vocabulary=vocabulary,
+            threshold=None if self.threshold is None else self.threshold.source)
+        self.tdir.begin(fp, sizes, self.provenance, c.overwrite, self.log)
+        # a local padded batch records the largest logit difference from the reference: keep its logits
+        self.keep_logits = not pair.cross and pair.candidate.kind == "local"
+        self.refs = ReferenceRuns(pair.reference, self.settings, cache_root() if c.reference_cache else None,
+                                  read_back=self.tdir.reference_runs() if c.resume else None)
+        written = done = 0
+        for plan in ([self.units(sizes)] if self.sweep is None else self.sweep.stages()):
+            w, d = self._execute(plan)
+            written, done = written + w, done + d
+        return written, done
+
+    def _sizes(self, fp: dict[str, Any]) -> list[int]:
+        """The batch sizes to run: as given (capped to the prompts), plus those a resumed scan covers."""
+        c, pair = self.config, self.pair
         earlier = self.tdir.earlier_sizes(fp) if c.resume else []
         sizes, capped = cap_batch_sizes(c.batch_sizes, self.n)
         if capped:
@@ -218,19 +251,13 @@ class _ScanJob:
 
             check_fits(pair.candidate.lm, max(sizes), max(r.prompt_len for r in self.requests), c.max_new_tokens,
                        kept_logits_rows=self.n * c.max_new_tokens)
-        self.provenance = run_provenance(
-            _stack(pair), prompt_set, c, count=self.n,
-            prompts_extra={"skipped_too_long": skipped}, batch_sizes=sizes, vocabulary=vocabulary,
-            threshold=None if self.threshold is None else self.threshold.source)
-        self.tdir.begin(fp, sizes, self.provenance, c.overwrite, self.log)
-        plan = self.units(sizes)
+        return sizes
+
+    def _execute(self, plan: list) -> tuple[int, int]:
+        """Run the units of ``plan`` not on disk yet: (files written, files found complete)."""
         todo = [u for u in plan if not u.path.exists()]
         if len(plan) > len(todo):
             self.log(f"resuming: {len(plan) - len(todo)} of {len(plan)} trace files already complete")
-        # a local padded batch records the largest logit difference from the reference: keep its logits
-        self.keep_logits = not pair.cross and pair.candidate.kind == "local"
-        self.refs = ReferenceRuns(pair.reference, self.settings, cache_root() if c.reference_cache else None,
-                                  read_back=self.tdir.reference_runs() if c.resume else None)
         needed = sorted({i for u in todo for i in u.members})
         stage = Stage(self.report, "solo", "reference runs", len(needed), unit="prompts")
         self.refs.get([self.requests[i] for i in needed], keep_logits=self.keep_logits and any(
@@ -290,6 +317,8 @@ class _ScanJob:
         unit = {"kind": "candidate", "condition": cond.kind, "batch_size": cond.level, "round": cond.round,
                 "group": u.group, "owned": u.owned, "seconds": seconds, "max_new_tokens": self.settings.max_new_tokens,
                 "requests": _metas(reqs, free)}
+        if u.variant or cond.spacing is not None:  # a sweep's prompt variant, its staggered arrivals
+            unit.update(variant=u.variant, spacing=cond.spacing)
         self.tdir.write(u, rows, {**self.provenance, "unit": unit})
 
     # ------------------------------------------------------------------ summary
@@ -310,6 +339,16 @@ class _ScanJob:
         summary["elapsed_seconds"] = elapsed
         self.tdir.write_summary(_jsonable(summary))
         return summary
+
+    def card(self):
+        """A sweep's card, written beside the traces (None for a plain scan)."""
+        if self.sweep is None:
+            return None
+        from .machine import describe
+
+        card = self.sweep.card(_jsonable({**self.provenance, "machine": describe()}))
+        card.write(self.tdir.path)
+        return card
 
 
 def _plen(req, run) -> int:

@@ -43,6 +43,7 @@ class VerifyConfig(AuditOptions):
     fail_on: str = "any"  # any: every difference fails (exit 1 or 4); anomalous: only anomalous ones (exit 4)
     teacher_forced: bool = True  # also score diverged sequences on the reference's tokens
     seed: int = 0  # a server: which prompts share a group
+    card: Path | None = None  # a server: check a sweep's card (its expectation sets `batch_size`)
 
     def validate(self) -> None:
         from .formats.files import check_output_file
@@ -57,6 +58,8 @@ class VerifyConfig(AuditOptions):
         if self.fail_on == "anomalous" and self.gate is None and self.threshold is None:
             raise UsageError("`fail_on` anomalous needs a threshold to tell noise from anomalies",
                              hint="give `gate` gate.json or `threshold` TAU")
+        if self.card is not None and self.endpoint is None:
+            raise UsageError("`card` holds a server's expectation", hint="give `endpoint` too")
         if self.endpoint is not None:
             if self.policy is not None:
                 raise UsageError("`policy` decodes with the local model; a server is audited as it batches",
@@ -143,6 +146,12 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
 
     log = log or (lambda m: None)
     config.validate()
+    card = None
+    if config.card is not None:
+        from .formats.card import Card, expected_level
+
+        card = Card.read(Path(config.card))
+        config.batch_size = expected_level(card, Path(config.card))
     threshold = config.threshold_of()
     policy = config.decode_policy(threshold) if config.endpoint is None else None
     prompt_set = load_prompts(config.prompts, limit=config.limit)
@@ -157,14 +166,32 @@ def verify(config: VerifyConfig, progress=None, log: Callable[[str], None] | Non
         # classifies differences, and the report says where it came from)
         mismatches = check_gate_stack(threshold, cand.stack()["model"], config.strict, log) \
             if cand.kind == "local" else None
+        card_check = check_card(card, config, cand, log) if card is not None else None
         vocabulary = pair.check_vocabularies()
         context = (pair.reference if pair.reference.kind == "local" else cand).context()
         requests, skipped = build_requests(prompt_set, pair.tokenizer(), settings, context, config.skip_long, log)
         job = _VerifyJob(config, pair, requests, settings, threshold, policy, as_callback(progress), log)
+        job.card = card_check
         report = job.run(prompt_set, skipped, vocabulary, mismatches)
     if config.report is not None:
         report.write(Path(config.report))
     return report
+
+
+def check_card(card, config: VerifyConfig, candidate, log) -> dict[str, Any]:
+    """Warn (or, ``strict``, refuse) where the server is not the one the card was measured on; what the
+    report says about the card."""
+    from .formats.card import engine_differences
+
+    differ = engine_differences(card, candidate.info.summary())
+    if differ:
+        what = "; ".join(f"{k} {a} (card) vs {b} (this server)" for k, (a, b) in differ.items())
+        if config.strict:
+            raise UsageError(f"{config.card} was measured on another server: {what}",
+                             hint="sweep this server again for its own card")
+        log(f"warning: {config.card} was measured on another server: {what}; its expectation may not hold here")
+    return {"path": str(config.card), "expects": card.expectation["statement"], "batch_size": config.batch_size,
+            "engine_differences": differ, "measured": (card.provenance or {}).get("created")}
 
 
 class _VerifyJob:
@@ -174,6 +201,7 @@ class _VerifyJob:
         self.config, self.pair, self.requests, self.settings = config, pair, requests, settings
         self.threshold, self.policy, self.report, self.log = threshold, policy, report, log
         self.text = token_text(pair.tokenizer())
+        self.card: dict[str, Any] | None = None  # what the report says about a card checked (check_card)
 
     def condition(self):
         from .audit.conditions import Condition
@@ -184,7 +212,7 @@ class _VerifyJob:
 
     def groups(self, cond) -> list[tuple[list[int], int]]:
         """The candidate's groups of request positions: (members, owned)."""
-        from .scan import batch_groups
+        from .audit.conditions import batch_groups
 
         n, b = len(self.requests), self.config.batch_size
         if cond.kind == "policy":  # decode() runs consecutive batches of the batch size
@@ -350,6 +378,8 @@ class _VerifyJob:
             candidate["engine"] = pair.candidate.info.engine
         if mismatches is not None:
             candidate["gate_mismatches"] = mismatches
+        if self.card is not None:
+            candidate["card"] = self.card
         reference = {"backend": pair.reference.kind, "label": pair.reference.label, "condition": "alone",
                      "contract": self.settings.contract, "cross": pair.cross, **refs.describe()}
         out = pair.candidate.last_output if pair.candidate.kind == "local" else None

@@ -1,6 +1,8 @@
 """The HTTP side of the test servers (tests/fake_openai_server.py, tests/model_server.py): a threaded
 server on 127.0.0.1 that counts the requests in flight, so that an answer can tell whether it ran
-while another request was being served (what a batching server does under load)."""
+while another request was being served (what a batching server does under load), and how many were
+in flight at most while it ran (``peak[n_post]``). A request leaves the count before its answer is
+written, so the next group a client sends never meets the last one's stragglers."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class CompletionServer:
         self.delay = delay
         self.posts = 0
         self.in_flight = 0
+        self.peak: dict[int, int] = {}  # the most requests in flight while each POST (by number) ran
         self.lock = threading.Lock()
         self.httpd = _Server(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -51,7 +54,8 @@ class CompletionServer:
     def refuse(self, n_post: int) -> tuple[int, dict] | None:
         return None
 
-    def post(self, path: str, body: dict, loaded: bool, n_post: int) -> tuple[int, dict]:
+    def post(self, path: str, body: dict, loaded: bool, n_post: int) -> tuple[int, dict] | None:
+        """(status, JSON), or None: close the connection without an answer."""
         raise NotImplementedError
 
     def _handler(self):
@@ -63,10 +67,10 @@ class CompletionServer:
             def log_message(self, *args):  # keep test output clean
                 pass
 
-            def _send(self, code: int, obj) -> None:
-                data = json.dumps(obj).encode()
+            def _send(self, code: int, obj) -> None:  # a str goes as text (Prometheus metrics), the rest as JSON
+                data = obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()
                 self.send_response(code)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "text/plain" if isinstance(obj, str) else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("Server", server.server_header)
                 self.end_headers()
@@ -87,17 +91,23 @@ class CompletionServer:
                     n_post = server.posts
                     server.in_flight += 1
                     others_at_entry = server.in_flight > 1
+                    server.peak[n_post] = server.in_flight
+                    for k in server.peak:
+                        server.peak[k] = max(server.peak[k], server.in_flight)
                 try:
-                    refused = server.refuse(n_post)
-                    if refused is not None:
-                        self._send(*refused)
-                        return
-                    time.sleep(server.delay)
-                    with server.lock:  # another request overlapped this one: it ran under load
-                        loaded = others_at_entry or server.posts > n_post
-                    self._send(*server.post(self.path, body, loaded, n_post))
+                    reply = server.refuse(n_post)
+                    if reply is None:
+                        time.sleep(server.delay)
+                        with server.lock:  # another request overlapped this one: it ran under load
+                            loaded = others_at_entry or server.posts > n_post
+                        reply = server.post(self.path, body, loaded, n_post)
                 finally:
                     with server.lock:
                         server.in_flight -= 1
+                        server.peak.pop(n_post, None)
+                if reply is None:  # dropped: the connection closes with no answer
+                    self.close_connection = True
+                    return
+                self._send(*reply)
 
         return Handler

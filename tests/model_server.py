@@ -129,9 +129,8 @@ class ModelServer(CompletionServer):
     def answer(self, body: dict, chat: bool, loaded: bool) -> dict:
         tok = self.lm.tokenizer
         if chat:
-            ids = list(tok.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True))
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = list(ids["input_ids"])
+            out = tok.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
+            ids = [int(i) for i in (out["input_ids"] if hasattr(out, "keys") else out)]
         elif isinstance(body.get("prompt"), list):
             ids = [int(i) for i in body["prompt"]]
         else:

@@ -241,6 +241,7 @@ def test_llama_server_scan_calibrate_verify(llama_server, tmp_path: Path):
     assert summary["endpoint"]["token_ids"] == "from the server"
     warm = [r for r in summary["runs"] if r["condition"] == "warm-cache"][0]
     assert warm["cached_tokens_median"] > 0
+    # batch size 8 is capped to the set's 6 prompts (a group would otherwise repeat them)
     assert {(e["condition"], e["batch_size"]) for e in summary["by_condition"]} == \
         {("in-flight", 4), ("in-flight", 6), ("warm-cache", 1)}  # 8 capped to the 6 prompts
 

@@ -89,7 +89,7 @@ def test_math_scan_rows_are_consistent(math_scan) -> None:
     assert (sync.groupby("prompt_id").size() == solo.groupby("prompt_id").size()).all()
     assert sync["max_abs_logit_diff"].notna().all()
     entry = result.summary["by_condition"][0]
-    assert entry["batch_size"] == 8
+    assert entry["condition"] == "padded" and entry["batch_size"] == 8
     assert entry["sync"]["steps"] == len(sync) and entry["sync"]["flips"] == int(sync["flip"].sum())
     assert entry["free"]["sequences"] == N_MATH
 

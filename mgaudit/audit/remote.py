@@ -6,9 +6,12 @@ logprob minus top-2 logprob (the softmax normaliser cancels). How a prompt reach
 chat template itself: both sides of a comparison see the same ids); otherwise chat messages to
 ``/v1/chat/completions`` (the server's template) or plain text to ``/v1/completions``.
 
-Conditions: ``alone`` (one request, nothing else in flight; llama.cpp's prompt cache off),
-``in-flight`` (a group sent at once, each request running while the others are in flight),
-``warm-cache`` (alone, the same request sent twice with the cache on; the second is recorded).
+Conditions: ``alone`` (one request, nothing else in flight; the prompt cache off: llama.cpp's
+``cache_prompt: false``, and on vLLM with prefix caching a ``cache_salt`` of the request's own, so
+that no cached prefix is read), ``in-flight`` (a group sent at once, each request running while
+the others are in flight), ``staggered`` (a group sent one request after another, ``spacing``
+apart: each joins a batch that is already decoding), ``warm-cache`` (alone, the same request sent
+twice with the cache on; the second is recorded, with the prompt tokens it found cached).
 
 Teacher forcing (``forced``): a server cannot be fed tokens one step at a time, but it can be
 asked to continue a given prefix. Up to a sequence's first divergence the free-running steps are
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 import time
 from typing import Any, Sequence
 
@@ -134,8 +138,7 @@ class EndpointBackend(Backend):
                          "slots": info.slots, "route": self.route,
                          "request": {**_request_sampling(self.sampling, info.engine),
                                      "top_logprobs": None if self.tokens_only else TOP_LOGPROBS,
-                                     "cache_prompt": "false (cold) alone and in flight; true for the warm cache"
-                                     if info.supports_cache_prompt else "not exposed by this server"},
+                                     "prompt_cache": _cache_request(info.cache_switch)},
                          "margins": "none (tokens only)" if self.tokens_only else
                          "none (sampled: the server's draws are unknown; top-1 holds the logprob of the token taken)"
                          if self.sampling is not None and not self.sampling.greedy else "top-1 minus top-2 logprob"},
@@ -156,6 +159,11 @@ class EndpointBackend(Backend):
 
     def context(self) -> int | None:
         return self.info.context
+
+    def tokens_of(self, text: str) -> int | None:
+        """How many tokens the server makes of ``text`` (None where it has no tokenize route)."""
+        ids = self._run(self.client.tokenize(text))
+        return None if ids is None else len(ids)
 
     def io(self) -> dict[str, Any]:
         """What the summary says about the answers: logprob precision and how token ids were had."""
@@ -189,6 +197,8 @@ class EndpointBackend(Backend):
             body["prompt_logprobs"] = TOP_LOGPROBS
         if cache is not None and self.info.supports_cache_prompt:
             body["cache_prompt"] = bool(cache)
+        elif cache is False and self.info.cache_switch == "cache_salt":
+            body["cache_salt"] = secrets.token_hex(8)  # a salt of its own: no cached prefix is read
         return RequestSpec(path, body)
 
     def _steps(self, c: Completion, sampled: bool = False, **meta: Any) -> Steps:
@@ -202,9 +212,14 @@ class EndpointBackend(Backend):
                            "cached_tokens": c.cached_tokens, "prompt_tokens": c.prompt_tokens,
                            "pieces": c.pieces, **meta}, alternatives=None if sampled else c.alternatives)
 
-    async def _gather(self, specs: list[RequestSpec]) -> list[Completion]:
+    async def _gather(self, specs: list[RequestSpec], spacing: float = 0.0) -> list[Completion]:
+        async def send(k: int, spec: RequestSpec) -> Completion:
+            if k and spacing:
+                await asyncio.sleep(k * spacing)
+            return await self.client.complete(spec)
+
         # every member runs to its end (no orphaned task logs an unretrieved error); then the first error
-        results = await asyncio.gather(*(self.client.complete(s) for s in specs), return_exceptions=True)
+        results = await asyncio.gather(*(send(k, s) for k, s in enumerate(specs)), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -222,22 +237,31 @@ class EndpointBackend(Backend):
     def grouped(self, requests: Sequence[Request], condition: Condition, settings: Settings,
                 references: Sequence[Steps] | None, on_done: Done | None) -> list[Steps]:
         if condition.kind == "warm-cache":  # each request twice, alone: the second finds its prompt cached
-            out = []
-            for r in requests:
-                spec = self.spec(r, settings, cache=True)
-                prime = self._run(self.client.complete(spec))
-                out.append(self._steps(self._run(self.client.complete(spec)), not settings.sampling.greedy,
-                                       cached_tokens_prime=prime.cached_tokens, **_seed_meta(settings, r)))
-                if on_done:
-                    on_done(1)
-            return out
+            return [self._warm(r, settings, on_done) for r in requests]
+        spacing = (condition.spacing or 0.0) if condition.kind == "staggered" else 0.0
         t0 = time.perf_counter()
-        comps = self._run(self._gather([self.spec(r, settings) for r in requests]))
+        comps = self._run(self._gather([self.spec(r, settings) for r in requests], spacing))
         seconds = time.perf_counter() - t0
         if on_done:
             on_done(len(requests))
         return [self._steps(c, not settings.sampling.greedy, group_seconds=round(seconds, 4),
                             **_seed_meta(settings, r)) for r, c in zip(requests, comps)]
+
+    def _warm(self, request: Request, settings: Settings, on_done: Done | None) -> Steps:
+        """The request sent twice, alone, the cache on: the second answer, with the prompt tokens it
+        found cached (as the answer says, else as the server's cache-hit counter moved)."""
+        spec = self.spec(request, settings, cache=True)
+        prime = self._run(self.client.complete(spec))
+        hits = self._run(self.client.cache_hits()) if self.info.engine == "vllm" else None
+        warm = self._run(self.client.complete(spec))
+        cached = warm.cached_tokens
+        if cached is None and hits is not None:
+            after = self._run(self.client.cache_hits())
+            cached = None if after is None else int(after - hits)
+        if on_done:
+            on_done(1)
+        return self._steps(warm, not settings.sampling.greedy, cached_tokens_prime=prime.cached_tokens,
+                           cached_tokens=cached, **_seed_meta(settings, request))
 
     # ------------------------------------------------------------------ teacher forcing
 
@@ -390,6 +414,15 @@ def prompt_logprob_steps(answer: dict[str, Any], prompt_len: int, steps: int) ->
         out.top2.append(listed[1][1] if len(listed) > 1 else math.nan)
         out.alternatives.append(listed)
     return out
+
+
+def _cache_request(switch: str | None) -> str:
+    """How requests set the prompt cache, in words (the provenance)."""
+    if switch == "cache_prompt":
+        return "cache_prompt false (cold) alone, in flight and staggered; true for the warm cache"
+    if switch == "cache_salt":
+        return "a cache_salt of its own per request (cold) alone, in flight and staggered; none for the warm cache"
+    return "not exposed by this server"
 
 
 async def _identify(url: str, timeout: float) -> ServerInfo:

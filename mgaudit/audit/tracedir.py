@@ -8,7 +8,7 @@ and ``DIR/_summary.json``. The rules:
   there that mgaudit did not write (never read as a trace, never deleted), and no earlier scan
   unless resuming or overwriting;
 * ``overwrite`` deletes only what an earlier scan wrote (trace files carrying mgaudit's
-  provenance, the manifest and the summary);
+  provenance, the manifest, the summary and a sweep's card);
 * ``resume`` refuses a scan made with other options (naming them), keeps its complete unit
   files and deletes the temporary files an interrupted write left.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import OutputError
+from ..formats.card import FILES as CARD_FILES
 from ..formats.files import atomic_write_json, check_output_dir, make_dir, stale_temp_files
 from ..formats.traces import is_mgaudit_trace, read_provenance, trace_files, trace_writer
 from .steps import Steps
@@ -40,17 +41,19 @@ class Unit:
     group: int = 0
     members: list[int] = field(default_factory=list)  # request positions
     owned: int = 0  # the first ``owned`` members are recorded (a short group is filled up)
+    variant: str = ""  # which form of the prompts its requests are (a sweep's long prompts, another route)
 
 
-def unit_name(kind: str, level: int, group: int, round: int = 0) -> str:
+def unit_name(kind: str, level: int, group: int, round: int = 0, variant: str = "") -> str:
     """``trace-solo-0000`` (reference runs), ``trace-alone-0000`` (a candidate alone),
-    ``trace-cache-0000`` (warm cache), ``trace-b0004-g0000`` (a group of 4)."""
-    suffix = f"-r{round:02d}" if round else ""
+    ``trace-cache-0000`` (warm cache), ``trace-b0004-g0000`` (a group of 4 sent together),
+    ``trace-s0004-g0000`` (4 staggered); then ``-<variant>`` and ``-r<round>`` where set."""
+    suffix = (f"-{variant}" if variant else "") + (f"-r{round:02d}" if round else "")
     if kind == "reference":
         return f"trace-solo-{group:04d}{suffix}.parquet"
     if kind in ("alone", "warm-cache"):
         return f"trace-{'alone' if kind == 'alone' else 'cache'}-{group:04d}{suffix}.parquet"
-    return f"trace-b{level:04d}-g{group:04d}{suffix}.parquet"
+    return f"trace-{'s' if kind == 'staggered' else 'b'}{level:04d}-g{group:04d}{suffix}.parquet"
 
 
 class TraceDir:
@@ -119,7 +122,7 @@ class TraceDir:
             for f in trace_files(self.path):
                 if f.name.startswith("trace-") and is_mgaudit_trace(f):
                     f.unlink()
-            for name in (MANIFEST, SUMMARY):
+            for name in (MANIFEST, SUMMARY, *CARD_FILES):
                 if (self.path / name).exists():
                     (self.path / name).unlink()
         atomic_write_json(self.path / MANIFEST, {"fingerprint": fingerprint, "batch_sizes": sizes,
@@ -140,14 +143,13 @@ class TraceDir:
 
         runs: dict[int, Steps] = {}
         for f in sorted(self.path.glob("trace-solo-*.parquet")):
-            names = set(pq.read_schema(f).names)
             t = pq.read_table(f, columns=["prompt_index", "step", "solo_token", "solo_top1_logit", "solo_top2_logit",
-                                          "solo_runner_up"] + [c for c in ("solo_margin_kind",) if c in names]
-                              ).to_pydict()
+                                          "solo_runner_up", "prompt_len", "solo_margin_kind"]).to_pydict()
             kinds = t.get("solo_margin_kind")
             order = sorted(range(len(t["step"])), key=lambda k: (t["prompt_index"][k], t["step"][k]))
-            for k in order:
-                s = runs.setdefault(int(t["prompt_index"][k]), Steps(meta={"from_traces": f.name}))
+            for k in order:  # (the prompt's length as recorded: what a server counted where no ids were sent)
+                s = runs.setdefault(int(t["prompt_index"][k]), Steps(meta={"from_traces": f.name,
+                                                                           "prompt_tokens": t["prompt_len"][k]}))
                 s.tokens.append(int(t["solo_token"][k]))
                 s.top1.append(float(t["solo_top1_logit"][k]))
                 s.top2.append(float(t["solo_top2_logit"][k]))

@@ -74,6 +74,41 @@ def scan_summary(summary: dict[str, Any], out: Path) -> None:
         console.out.print(escape(line))
 
 
+#: The card's columns shown on a terminal (_card.md has them all).
+CARD_COLUMNS = ("in flight", "identical to alone", "95 % CI", "per round", "per-step flip rate (95 % CI)", "tokens/s")
+
+
+def card_summary(card, out: Path) -> None:
+    """A sweep's card: one table per axis, the onsets, what was not run, where the files are."""
+    from ..formats.card import FILES, engine_line, row_cells
+    from .boundary import as_flags
+
+    console.out.print(f"determinism card: {escape(engine_line(card.engine))}, {escape(str(card.engine.get('model')))}")
+    for axis in dict.fromkeys(s["axis"] for s in card.series):
+        t = Table(title=axis)
+        t.add_column("setting")
+        for col in CARD_COLUMNS:
+            t.add_column(col, justify="right")
+        for s in (s for s in card.series if s["axis"] == axis):
+            for r in s["rows"]:
+                cells = row_cells(r)
+                t.add_row(escape(s["name"]), *(cells[c] for c in CARD_COLUMNS))
+        console.out.print(t)
+    for name, o in card.onsets.items():
+        console.out.print(f"onset ({name}): {escape(o['statement'])}")
+    if card.position:
+        console.out.print(f"by token position: {escape(card.position['statement'])}")
+    if card.expectation:
+        console.out.print(f"expectation (verify --card): {escape(card.expectation['statement'])}")
+    for x in card.not_run:
+        console.out.print(f"not run: {x['axis']} ({escape(as_flags(x['reason']))})")
+    for n in card.notes:
+        console.out.print(f"note: {escape(n)}")
+    q = card.requests
+    console.out.print(f"requests: {q['candidate']} audited, {q['reference']} reference runs, {q['retried']} retried. "
+                      f"Card: {', '.join(str(out / f) for f in FILES)}")
+
+
 def _scoring_line(scoring: dict[str, Any]) -> str:
     if scoring.get("route") in (None, "none"):
         return f"teacher-forced past a divergence: not scored ({scoring.get('reason', 'no route')})"
@@ -201,6 +236,12 @@ def _differences(report: dict[str, Any], ref_name: str) -> None:
 
 
 def verdict_line(report: dict[str, Any]) -> str:
+    card = (report["candidate"] or {}).get("card")
+    line = _verdict(report)
+    return line if card is None else f"{line} (the card {escape(card['path'])} expects: {escape(card['expects'])})"
+
+
+def _verdict(report: dict[str, Any]) -> str:
     s = report["summary"]
     ref = _reference_name(report)
     if s["all_identical"]:

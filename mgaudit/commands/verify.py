@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ..errors import UsageError
 from . import console, options, render
 from .boundary import guarded
 
@@ -47,6 +48,11 @@ def verify_cmd(
                                 help="Write the full report (per-sequence records, token lists, every "
                                      "difference) as JSON."),
     skip_long: bool = options.SKIP_LONG,
+    card: Path = typer.Option(None, "--card", metavar="FILE",
+                              help="With --endpoint: check a determinism card (_card.json of `scan --sweep`): "
+                                   "the server must still be identical to alone up to the card's level of requests "
+                                   "sent together (which sets --batch-size); --strict refuses a card measured on "
+                                   "another engine, version, slot count, prefix-cache setting or model."),
     **shared,
 ) -> None:
     """Decode PROMPTS alone (the reference) and under a policy or load (the candidate); compare.
@@ -57,11 +63,13 @@ def verify_cmd(
     from ..verify import VerifyConfig, exit_code, verify
 
     o = options.Shared(shared)
+    if card is not None and options.explicit(ctx, "batch_size"):
+        raise UsageError("`card` and `batch_size` exclude each other: the card's expectation sets the batch size")
     config = VerifyConfig(prompts=prompts, policy=policy, fast_path=fast_path, max_rows=max_rows,
                           batch_size=batch_size, max_new_tokens=max_new_tokens, limit=o.limit, chat=not o.no_chat,
                           report=report, strict=strict, skip_long=skip_long, contract=contract,
                           audit_every=audit_every, fail_on=fail_on, teacher_forced=not no_teacher_forcing,
-                          seed=seed, **options.audit_options(ctx, o))
+                          seed=seed, card=card, **options.audit_options(ctx, o))
     with console.reporter(o.quiet) as progress:
         result = verify(config, progress=progress, log=console.logger(o.quiet))
     if o.json_out:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -48,6 +49,27 @@ class ServerInfo:
     supports_cache_prompt: bool = False
     vocab_size: int | None = None  # where the server says (llama.cpp's /v1/models meta.n_vocab)
     context: int | None = None  # tokens per sequence it takes (vLLM's max_model_len, llama.cpp's n_ctx per slot)
+    #: the prompt cache where the server tells: ``enabled``, ``block_size`` (tokens; only full blocks are
+    #: reused) and ``switch``, the request field that keeps a request off it (``cache_prompt``, ``cache_salt``)
+    prefix_cache: dict[str, Any] | None = None
+
+    @property
+    def cache_switch(self) -> str | None:
+        return (self.prefix_cache or {}).get("switch")
+
+    def summary(self) -> dict[str, Any]:
+        """The engine in a few fields (a card's fingerprint): name and version from its info routes,
+        sequences decoded together and the prefix cache where it says, the model it serves."""
+        fp = self.fingerprint
+        props = fp.get("props") or {}
+        data = ((fp.get("models") or {}).get("data") or [{}])[0] if isinstance(fp.get("models"), dict) else {}
+        version = next((v.get("version") for v in (fp.get("version"), fp.get("info"), fp.get("get_server_info"))
+                        if isinstance(v, dict) and v.get("version")), None)
+        return {"engine": self.engine, "version": version, "build": props.get("build_info"), "url": self.base_url,
+                "model": self.model, "model_path": props.get("model_path") or (data or {}).get("root"),
+                "context_per_sequence": self.context, "slots": self.slots, "prefix_cache": self.prefix_cache,
+                "chat_template_sha256": props.get("chat_template_sha256"), "scheduler": fp.get("scheduler"),
+                "server_header": (fp.get("headers") or {}).get("server")}
 
 
 def normalize_base_url(url: str) -> tuple[str, str]:
@@ -172,7 +194,7 @@ class EndpointClient:
                           vocab_size=_int(meta.get("n_vocab")), context=_int(first.get("max_model_len")))
         if not await self._llama_cpp(info):
             await self._other_engines(info)
-        fp["engine"] = info.engine
+        fp["engine"], fp["prefix_cache"] = info.engine, info.prefix_cache
         return info
 
     async def _models(self):
@@ -210,16 +232,11 @@ class EndpointClient:
         st, props, h = await self._get_json(f"{self.root_url}/props")
         if not (st == 200 and isinstance(props, dict) and ("build_info" in props or "total_slots" in props)):
             return False
-        dgs = props.get("default_generation_settings") or {}
-        info.engine, info.slots, info.supports_cache_prompt = "llama.cpp", _int(props.get("total_slots")), True
-        info.context = _int(dgs.get("n_ctx")) or info.context
-        template = props.get("chat_template")
-        info.fingerprint["props"] = {
-            "build_info": props.get("build_info"), "total_slots": props.get("total_slots"),
-            "model_path": props.get("model_path"), "n_ctx": dgs.get("n_ctx"),
-            "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest() if template else None,
-            "modalities": props.get("modalities"),
-        }
+        info.fingerprint["props"] = fp = _llama_props(props)
+        info.engine, info.slots, info.supports_cache_prompt = "llama.cpp", _int(fp["total_slots"]), True
+        info.context = _int(fp["n_ctx"]) or info.context
+        info.prefix_cache = {"enabled": True, "block_size": None, "switch": "cache_prompt",
+                             "note": "per request: cache_prompt (on by default) reuses a slot's earlier prompt"}
         info.fingerprint["headers"].update(_engine_headers(h))
         return True
 
@@ -232,6 +249,51 @@ class EndpointClient:
                 info.fingerprint["headers"].update(_engine_headers(h))
                 if info.engine == "unknown" and (name != "tgi" or "model_id" in body):
                     info.engine = name
+        if info.engine == "vllm":
+            info.slots, info.prefix_cache = await self._vllm_config(info.fingerprint)
+        elif info.engine == "sglang":  # its server arguments (documented; not tried against a running server here)
+            args = info.fingerprint.get("get_server_info") or {}
+            info.slots = _int(args.get("max_running_requests"))
+            if isinstance(args.get("disable_radix_cache"), bool):
+                info.prefix_cache = {"enabled": not args["disable_radix_cache"], "block_size": None, "switch": None,
+                                     "from": "/get_server_info disable_radix_cache"}
+
+    async def _vllm_config(self, fp: dict[str, Any]) -> tuple[int | None, dict[str, Any] | None]:
+        """vLLM's sequence limit and prefix cache: ``/metrics`` (``vllm:cache_config_info``) always;
+        ``max_num_seqs`` only where ``/server_info`` answers (``VLLM_SERVER_DEV_MODE=1``)."""
+        text = await self._get_text(f"{self.root_url}/metrics")
+        labels = prometheus_labels(text or "", "vllm:cache_config_info")
+        cache = None
+        if labels:
+            enabled = labels.get("enable_prefix_caching") == "True"
+            block = labels.get("block_size")
+            cache = {"enabled": enabled, "block_size": int(block) if block and block.isdigit() else None,
+                     "switch": "cache_salt" if enabled else None, "from": "/metrics vllm:cache_config_info"}
+            fp["cache_config"] = {k: labels.get(k) for k in ("block_size", "enable_prefix_caching",
+                                                             "kv_cache_size_tokens", "cache_dtype")}
+        st, info, _ = await self._get_json(f"{self.root_url}/server_info?config_format=json", timeout=2.0)
+        seqs = None
+        if st == 200 and isinstance(info, dict):
+            sched = ((info.get("vllm_config") or {}).get("scheduler_config") or {})
+            seqs = sched.get("max_num_seqs") if isinstance(sched.get("max_num_seqs"), int) else None
+            fp["scheduler"] = {k: sched.get(k) for k in ("max_num_seqs", "max_num_batched_tokens",
+                                                         "enable_chunked_prefill", "policy")}
+            fp["batch_invariant"] = ((info.get("vllm_env") or {}).get("VLLM_BATCH_INVARIANT"))
+        return seqs, cache
+
+    async def _get_text(self, url: str, timeout: float = 4.0) -> str | None:
+        import httpx
+
+        try:
+            r = await self._client.get(url, timeout=httpx.Timeout(timeout, connect=min(timeout, self.connect_timeout)))
+        except httpx.HTTPError:
+            return None
+        return r.text if r.status_code == 200 else None
+
+    async def cache_hits(self) -> float | None:
+        """vLLM's prompt tokens found in its prefix cache so far (``vllm:prefix_cache_hits_total``)."""
+        text = await self._get_text(f"{self.root_url}/metrics")
+        return prometheus_total(text, "vllm:prefix_cache_hits_total") if text else None
 
     async def tokenize(self, text: str) -> list[int] | None:
         """The server's token ids of ``text`` without special tokens (llama.cpp's and vLLM's
@@ -311,6 +373,31 @@ class EndpointClient:
 
 def _int(x: Any) -> int | None:
     return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+def _llama_props(props: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a llama.cpp server in its ``/props``."""
+    dgs = props.get("default_generation_settings") or {}
+    template = props.get("chat_template")
+    return {"build_info": props.get("build_info"), "total_slots": props.get("total_slots"),
+            "model_path": props.get("model_path"), "n_ctx": dgs.get("n_ctx"),
+            "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest() if template else None,
+            "modalities": props.get("modalities")}
+
+
+def prometheus_labels(text: str, name: str) -> dict[str, str] | None:
+    """The labels of the first sample of metric ``name`` in Prometheus text (None where absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            body = line[len(name) + 1: line.rfind("}")]
+            return dict(re.findall(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"', body))
+    return None
+
+
+def prometheus_total(text: str, name: str) -> float | None:
+    """The sum of every sample of metric ``name`` in Prometheus text (None where absent)."""
+    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+    return sum(values) if values else None
 
 
 def _engine_headers(headers: dict[str, str]) -> dict[str, str]:

@@ -16,20 +16,18 @@ backend: its fields, written atomically and read back with checks in this module
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar
 
-from ..errors import InputError, json_error_text
+from .document import Document
 
 REPORT_FORMAT = "mgaudit.verify"
 REPORT_VERSION = 2
 
 
 @dataclass(frozen=True)
-class VerifyReport(Mapping):
+class VerifyReport(Document):
     """What ``verify`` checked (see the module doc). Read-only; also a mapping of its fields
     (``report["summary"]``), as its JSON form reads."""
 
@@ -44,39 +42,7 @@ class VerifyReport(Mapping):
     format: str = REPORT_FORMAT
     version: int = REPORT_VERSION
 
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    WHAT: ClassVar[str] = "verify report"
 
     def write(self, path: Path) -> None:
-        from .files import atomic_write_json
-
-        atomic_write_json(Path(path), self.to_dict())
-
-    @classmethod
-    def read(cls, path: Path) -> "VerifyReport":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read the report ({exc.strerror or exc})") from None
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: not valid JSON ({json_error_text(exc)})") from None
-        if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
-            raise InputError(f"{path}: not an mgaudit verify report")
-        if data.get("version") != REPORT_VERSION:
-            raise InputError(f"{path}: unsupported report version {data.get('version')!r} "
-                             f"(this mgaudit reads {REPORT_VERSION})")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    # a read-only mapping of the fields
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.__dataclass_fields__:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.__dataclass_fields__)
-
-    def __len__(self) -> int:
-        return len(self.__dataclass_fields__)
+        self.write_json(path)
