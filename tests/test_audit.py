@@ -66,21 +66,23 @@ def test_existing_traces_need_resume_or_overwrite(backend, tmp_path, prompts_fil
 
 def test_resume_rewrites_only_missing_units_and_refuses_other_options(backend, tmp_path, prompts_file) -> None:
     out = tmp_path / "t"
-    assert _scan(backend, prompts_file, out).exit_code == 0
+    assert _scan(backend, prompts_file, out, "--threshold", "0.5").exit_code == 0
     first = pd.read_parquet(out).sort_values(["mode", "batch_size", "prompt_index", "step"]).reset_index(drop=True)
     files = sorted(out.glob("trace-*.parquet"))
     lost = files[len(files) // 2]
     lost.unlink()
     (out / f".tmp-{lost.name}.abcd1234.partial").write_bytes(b"half a file")  # an interrupted write
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("trace-*.parquet")}
-    res = _scan(backend, prompts_file, out, "--resume")
+    res = _scan(backend, prompts_file, out, "--resume", "--threshold", "0.5")
     assert res.exit_code == 0, stderr_of(res)
     assert lost.exists() and not list(out.glob(".tmp-*"))
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("trace-*.parquet") if p.name != lost.name} == kept
     again = pd.read_parquet(out).sort_values(["mode", "batch_size", "prompt_index", "step"]).reset_index(drop=True)
-    pd.testing.assert_frame_equal(first, again)
-    line = assert_one_line_error(_scan(backend, prompts_file, out, "--resume", "--max-new-tokens", "5"),
-                                 "--resume", "max_new_tokens")
+    pd.testing.assert_frame_equal(first, again)  # severities too: the reference's alternatives were read back
+    solo = again[again["mode"] == "solo"]
+    assert solo["solo_alternatives"].map(lambda a: a is not None and len(a) >= 2).all()
+    line = assert_one_line_error(_scan(backend, prompts_file, out, "--resume", "--threshold", "0.5",
+                                       "--max-new-tokens", "5"), "--resume", "max_new_tokens")
     assert "was 6" in line
 
 

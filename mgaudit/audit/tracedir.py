@@ -144,8 +144,9 @@ class TraceDir:
         runs: dict[int, Steps] = {}
         for f in sorted(self.path.glob("trace-solo-*.parquet")):
             t = pq.read_table(f, columns=["prompt_index", "step", "solo_token", "solo_top1_logit", "solo_top2_logit",
-                                          "solo_runner_up", "prompt_len", "solo_margin_kind"]).to_pydict()
-            kinds = t.get("solo_margin_kind")
+                                          "solo_runner_up", "prompt_len", "solo_margin_kind",
+                                          "solo_alternatives"]).to_pydict()
+            kinds, alts = t["solo_margin_kind"], t["solo_alternatives"]
             order = sorted(range(len(t["step"])), key=lambda k: (t["prompt_index"][k], t["step"][k]))
             for k in order:  # (the prompt's length as recorded: what a server counted where no ids were sent)
                 s = runs.setdefault(int(t["prompt_index"][k]), Steps(meta={"from_traces": f.name,
@@ -154,8 +155,10 @@ class TraceDir:
                 s.top1.append(float(t["solo_top1_logit"][k]))
                 s.top2.append(float(t["solo_top2_logit"][k]))
                 s.runner_up.append(int(t["solo_runner_up"][k]))
-                if kinds is not None and kinds[k] is not None:  # a sampled run
+                if kinds[k] is not None:  # a sampled run
                     s.kind = (s.kind or []) + [kinds[k]]
+                if alts[k] is not None:  # the best tokens its backend listed
+                    s.alternatives = (s.alternatives or []) + [[(int(a["token"]), float(a["logit"])) for a in alts[k]]]
         return runs
 
     def units(self) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ from ..errors import TraceError
 from . import parquet
 from .parquet import PROVENANCE_KEY
 
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 
 #: One row per (prompt, condition, batch size, round, mode, step). ``mode`` is "solo" (the
 #: reference run itself: batched_* repeat solo_*), "sync" (the candidate is fed the reference's
@@ -84,6 +84,11 @@ TRACE_FIELDS: list[pa.Field] = [
     # counter of this step's draw, and per side which margin was the smaller: "sample" (the gap
     # between the two best perturbed logits), "mask" (a top-k/top-p/min-p cut-off), "horizon" (both
     # at least the horizon the margin is resolved to; the margin then records the horizon)
+    # in solo rows: the reference's best tokens at that step (id, logit or logprob), best first, where
+    # its backend lists them (greedy steps): how far below its own token it put a candidate's
+    # (mgaudit.audit.severity); null in the other rows
+    pa.field("solo_alternatives", pa.list_(pa.struct([pa.field("token", pa.int64()),
+                                                       pa.field("logit", pa.float32())])), nullable=True),
     pa.field("draw_seed", pa.int64(), nullable=True),
     pa.field("draw_counter", pa.int32(), nullable=True),
     pa.field("solo_margin_kind", pa.string(), nullable=True),
@@ -91,15 +96,17 @@ TRACE_FIELDS: list[pa.Field] = [
 ]
 #: The sampling columns: null in greedy rows.
 SAMPLING_COLUMNS = ("draw_seed", "draw_counter", "solo_margin_kind", "batched_margin_kind")
+#: Columns a row may leave out (null): the sampling columns and the reference's alternatives.
+OPTIONAL_COLUMNS = SAMPLING_COLUMNS + ("solo_alternatives",)
 TRACE_SCHEMA = pa.schema(TRACE_FIELDS)
 TRACE_COLUMNS = [f.name for f in TRACE_FIELDS]
 MODES = ("solo", "sync", "free")
 
 
 def _greedy_default(rows: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
-    """Rows built without the sampling columns are greedy rows: those columns are null."""
+    """Rows built without the optional columns (greedy rows, no alternatives listed): those are null."""
     for r in rows:
-        yield r if "draw_seed" in r else {**dict.fromkeys(SAMPLING_COLUMNS), **r}
+        yield r if all(c in r for c in OPTIONAL_COLUMNS) else {**dict.fromkeys(OPTIONAL_COLUMNS), **r}
 
 
 def rows_to_table(rows: Iterable[dict[str, Any]], provenance: dict[str, Any]) -> pa.Table:
@@ -242,9 +249,16 @@ def solo_rows(key: RowKey, r) -> list[dict[str, Any]]:
             "batched_top1_logit": r.top1[t], "batched_top2_logit": r.top2[t],
             "solo_margin": m, "batched_margin": m, "flip": False, "prefix_match": True, "first_divergence": False,
             "max_abs_logit_diff": None, "severity": None, **_draw(key, t),
-            "solo_margin_kind": kind, "batched_margin_kind": kind,
+            "solo_margin_kind": kind, "batched_margin_kind": kind, "solo_alternatives": _alternatives(r, t),
         })
     return rows
+
+
+def _alternatives(r, t: int) -> list[dict[str, Any]] | None:
+    alts = getattr(r, "alternatives", None)
+    if alts is None or t >= len(alts) or not alts[t]:
+        return None
+    return [{"token": int(i), "logit": float(v)} for i, v in alts[t]]
 
 
 def pair_rows(mode: str, key: RowKey, solo, batched, severity: SeverityFn | None = None) -> list[dict[str, Any]]:
@@ -281,7 +295,7 @@ def pair_rows(mode: str, key: RowKey, solo, batched, severity: SeverityFn | None
             "max_abs_logit_diff": diffs[t] if (diffs is not None and b_ok and t < len(diffs) and prefix) else None,
             "severity": severity(solo, batched, t) if (first and severity is not None) else None,
             **_draw(key, t), "solo_margin_kind": _kind(solo, t) if s_ok else None,
-            "batched_margin_kind": _kind(batched, t) if b_ok else None,
+            "batched_margin_kind": _kind(batched, t) if b_ok else None, "solo_alternatives": None,
         })
         if mode != "sync":  # teacher forcing keeps the prefixes equal
             prefix = prefix and st == bt
