@@ -560,8 +560,9 @@ def test_first_divergence_marks_one_step_per_parted_sequence(tmp_path, prompts_f
     block = README[README.index("per-step flip rate"):]
     queries = re.findall(r"```sql\n(.*?)```", block, re.S)[:2]
     assert len(queries) == 2
-    rate = dict(duckdb.sql(queries[0].replace("DIR", str(out))).fetchall())
-    diverged = dict(duckdb.sql(queries[1].replace("DIR", str(out))).fetchall())
+    rate = {(c, b): v for c, b, v in duckdb.sql(queries[0].replace("DIR", str(out))).fetchall()}
+    diverged = {(c, b): v for c, b, v in duckdb.sql(queries[1].replace("DIR", str(out))).fetchall()}
+    assert set(rate) == {(e["condition"], e["batch_size"]) for e in res.summary["by_condition"]}
     for e in res.summary["by_condition"]:
-        assert rate[e["batch_size"]] == pytest.approx(e["sync"]["flip_rate"])
-        assert diverged[e["batch_size"]] == e["free"]["sequences_diverged"]
+        assert rate[e["condition"], e["batch_size"]] == pytest.approx(e["sync"]["flip_rate"])
+        assert diverged[e["condition"], e["batch_size"]] == e["free"]["sequences_diverged"]
