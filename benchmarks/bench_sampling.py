@@ -11,9 +11,10 @@ greedy ``none`` and against sampled ``none``, and the trigger rates (with identi
 rate is the one that gave 100 % exactness).
 
 ``--cost``: the sampler's own cost (noise and masks) per decode step at ``--batch-size`` rows:
-``SampleRule.pick`` timed on real logits captured from a decode (the fastest of ``--repeats`` calls,
-median over steps), against the step's forward (the batch's ``none`` step, its fastest) and
-against the greedy argmax/top-2 it replaces.
+``SampleRule.pick`` timed on the logits of each step of a real decode (the fastest of
+``--repeats`` calls, interleaved with the greedy argmax/top-2 it replaces; median over steps),
+against the step's forward (the batch's ``none`` step, median over steps). The sampler's own
+cost is ``extra_over_greedy_ms``: what a sampled step spends beyond the greedy step's pick.
 
     python benchmarks/bench_sampling.py --sweep --sets math,code,chat --batch-sizes 4,8,16 --limit 16
     python benchmarks/bench_sampling.py --price --sets chat --batch-sizes 16 --rounds 3
@@ -133,8 +134,10 @@ def _fastest(fn, repeats: int) -> float:
 
 
 def cost(lm, args) -> dict:
-    """The sampler's time per step against the step: logits of a real batch, every configuration;
-    each timing is the fastest of ``--repeats`` (the machine is shared), the median over steps."""
+    """The sampler's time per step against the step, side by side: after each decode step of a
+    real batch (its forward timed once), every configuration's pick and the greedy argmax/top-2
+    are timed on that step's logits (each the fastest of ``--repeats`` calls, interleaved), so a
+    machine that slows down mid-run slows both sides; medians over steps."""
     import torch
 
     from mgaudit.decoding.loop import padded_prefill
@@ -143,24 +146,32 @@ def cost(lm, args) -> dict:
 
     _, pids, ids = _prompts(lm, args.sets.split(",")[0], args.batch_size)
     B = len(ids)
+    rules = {}
+    for cfg in CONFIGS:
+        s = _sampling(cfg, args.sample_seed)
+        rules[cfg] = SampleRule(s, [s.draw_seed(p) for p in pids])
     logits, cache, positions, advance = padded_prefill(lm.model, ids, lm.pad_token_id)
-    captured, step_ms = [], []
+    step_ms, times = [], {name: [] for name in ["greedy", *CONFIGS]}
     with torch.inference_mode():
-        for i in range(args.cost_steps):  # greedy steps of the batch: the logits the sampler will see
-            captured.append(logits)
+        for i in range(args.cost_steps):
+            calls = {"greedy": lambda: top2_stats(logits)}
+            calls.update({cfg: (lambda r=rule: r.pick(logits, i)) for cfg, rule in rules.items()})
+            best = dict.fromkeys(calls, float("inf"))
+            for _ in range(args.repeats):  # interleaved: each repeat times every configuration once
+                for name, fn in calls.items():
+                    best[name] = min(best[name], _fastest(fn, 1))
+            for name, ms in best.items():
+                times[name].append(ms)
             fed = torch.argmax(logits, -1)[:, None]
             positions = positions + 1
             t0 = time.perf_counter()
             logits = advance(cache, fed, positions)
             step_ms.append(1e3 * (time.perf_counter() - t0))
-    forward = min(step_ms)  # the least disturbed step: a lower bound, so the shares below are upper bounds
-    greedy = median([_fastest(lambda: top2_stats(lg), args.repeats) for lg in captured])
-    out = {"batch_size": B, "steps": len(captured), "forward_ms": forward, "forward_ms_median": median(step_ms),
-           "greedy_top2_ms": greedy}
+    forward, greedy = median(step_ms), median(times["greedy"])
+    out = {"batch_size": B, "steps": len(step_ms), "forward_ms": forward, "forward_ms_fastest": min(step_ms),
+           "greedy_top2_ms": greedy, "greedy_share_of_step": greedy / (forward + greedy)}
     for cfg in CONFIGS:
-        s = _sampling(cfg, args.sample_seed)
-        rule = SampleRule(s, [s.draw_seed(p) for p in pids])
-        ms = median([_fastest(lambda: rule.pick(lg, i), args.repeats) for i, lg in enumerate(captured)])
+        ms = median(times[cfg])
         out[cfg] = {"pick_ms": ms, "share_of_step": ms / (forward + ms),
                     "extra_over_greedy_ms": ms - greedy, "extra_share_of_greedy_step": (ms - greedy) / (forward + greedy)}
         print(json.dumps({cfg: out[cfg]}), file=sys.stderr, flush=True)

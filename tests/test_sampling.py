@@ -92,6 +92,53 @@ def test_greedy_settings_key_nothing() -> None:
     assert Sampling(0.7, seed=3).key()["seed"] == 3
 
 
+def test_int32_bits_are_the_int64_bits(monkeypatch) -> None:
+    keys = draws.keys_tensor([draws.row_keys(s, c) for s in (0, 9, 2 ** 31 - 1) for c in (0, 5)], "cpu")
+    ids = torch.arange(70_001)
+    want = draws.bits(keys, ids)
+    assert draws._int32_wraps("cpu")
+    assert torch.equal(draws.bits32(keys, ids).long() & draws.MASK32, want)
+    monkeypatch.setitem(draws._WRAPS, "cpu", False)  # a device whose int32 products did not wrap
+    assert torch.equal(draws.bits32(keys, ids).long() & draws.MASK32, want)
+
+
+def test_the_whole_vocabulary_draw_is_the_brute_force_argmax() -> None:
+    """Without a filter the token and runner-up are those of y = logit + T g over every token,
+    computed one by one in Python (the search only skips tokens its bounds rule out)."""
+    logits = torch.cat([bf16_logits(5, 6000, seed=21), torch.randn(2, 6000).bfloat16().float() * 0.05])
+    for s in (Sampling(1.0, seed=4), Sampling(0.3, seed=5), Sampling(3.0, seed=6)):
+        seeds = [s.draw_seed(f"p{b}") for b in range(len(logits))]
+        got = SampleRule(s, seeds).pick(logits, 2)
+        h = draws.bits(draws.keys_tensor([draws.row_keys(x, 2) for x in seeds], "cpu"), torch.arange(6000))
+        for b, (row, hs) in enumerate(zip(logits.tolist(), h.tolist())):
+            ys = sorted(((v + s.temperature * draws.gumbel(x), -t) for t, (v, x) in enumerate(zip(row, hs))), reverse=True)
+            assert (got.token[b], got.runner_up[b], got.top1[b], got.top2[b]) == (-ys[0][1], -ys[1][1], ys[0][0], ys[1][0])
+
+
+def test_deep_candidates_are_topk_s(monkeypatch) -> None:
+    """Rows whose allowed set and window need thousands of candidates (flat logits at T = 1: these
+    decide at 1024, 4096 and 16384 candidates) pick the same through the histogram search as
+    through topk."""
+    from mgaudit.decoding import sampling
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.cat([(torch.randn(1, 20_000, generator=g) * x).bfloat16().float() for x in (2.5, 3.0, 4.0, 5.0)])
+    for k in (1024, 4096):
+        for b in range(len(logits)):
+            want = sampling._canonical(*torch.topk(logits[b:b + 1], k, dim=-1))
+            got = sampling._largest(logits[b], k)
+            assert torch.equal(got[0], want[0][0])
+            above = want[0][0] > want[0][0, -1]  # ids of values tied at the k-th may be any of the tie
+            assert torch.equal(got[1][above], want[1][0][above])
+    s = Sampling(1.0, top_p=0.9, seed=3)
+    seeds = [s.draw_seed(f"p{b}") for b in range(len(logits))]
+    fast = SampleRule(s, seeds).pick(logits, 1)
+    monkeypatch.setattr(sampling, "DEEP", 10 ** 9)
+    slow = SampleRule(s, seeds).pick(logits, 1)
+    assert (fast.token, fast.runner_up, fast.top1, fast.top2, fast.kind) == (
+        slow.token, slow.runner_up, slow.top1, slow.top2, slow.kind)
+
+
 # --------------------------------------------------------------------------- the filters
 
 

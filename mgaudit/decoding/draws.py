@@ -57,6 +57,56 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """``lowbias32`` in place on int32 tensors (the bits of the unsigned value, two's complement):
+    products wrap mod 2**32 and arithmetic shifts are masked to logical ones. A fifth of the memory
+    traffic of :func:`_mix`; used where :func:`_int32_wraps` has checked it gives the same bits."""
+    x ^= (x >> 16) & 0xFFFF
+    x *= 0x7FEB352D
+    x ^= (x >> 15) & 0x1FFFF
+    x *= 0x846CA68B - (1 << 32)
+    x ^= (x >> 16) & 0xFFFF
+    return x
+
+
+def _signed32(keys: torch.Tensor) -> torch.Tensor:
+    """int64 values in ``[0, 2**32)`` as int32 with the same bits."""
+    import torch
+
+    return (keys - ((keys >> 31) << 32)).to(torch.int32)
+
+
+_WRAPS: dict[str, bool] = {}
+
+
+def _int32_wraps(device) -> bool:
+    """Whether this device's int32 kernels give :func:`_mix`'s bits (they wrap on every platform
+    torch supports, but signed overflow is not a promise): checked once per device, on lengths that
+    take the vectorized loops and their tails."""
+    import torch
+
+    key = str(device)
+    if key not in _WRAPS:
+        keys = torch.tensor([[0, 0], [0xFFFFFFFF, 0x80000000], [0x9E3779B9, 0x7F4A7C15]], dtype=torch.int64,
+                            device=device)
+        ids = torch.cat([torch.arange(4133, dtype=torch.int64), torch.tensor([0x7FFFFFFF])]).to(device)
+        narrow = _mix32(_mix32(ids.to(torch.int32) ^ _signed32(keys[:, :1])) ^ _signed32(keys[:, 1:]))
+        _WRAPS[key] = bool(torch.equal(bits(keys, ids), narrow.to(torch.int64) & MASK32))
+    return _WRAPS[key]
+
+
+def bits32(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The bits of :func:`bits` as int32 (the two's complement of the unsigned value); ``tokens``
+    ids below 2**31, int32 or int64."""
+    import torch
+
+    if not _int32_wraps(tokens.device):
+        return _signed32(bits(keys, tokens.to(torch.int64)))
+    x = _mix32(tokens.to(torch.int32) ^ _signed32(keys[:, :1]))
+    x ^= _signed32(keys[:, 1:])
+    return _mix32(x)
+
+
 def bits(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """32 random bits (int64 in ``[0, 2**32)``) per token: ``keys`` ``[rows, 2]`` int64,
     ``tokens`` ``[rows, n]`` (or ``[n]``, the same ids for every row) int64."""
@@ -110,3 +160,4 @@ def gumbel_bounds(device) -> tuple[torch.Tensor, torch.Tensor]:
         high32 = torch.where(high32.double() < high, torch.nextafter(high32, torch.tensor(math.inf)), high32)
         _BOUNDS[key] = (low32.to(device), high32.to(device))
     return _BOUNDS[key]
+

@@ -51,6 +51,10 @@ if TYPE_CHECKING:
 HORIZON = 1.0
 #: Candidates taken per row by one batched top-k (more are taken for a row that needs them).
 CANDIDATES = 64
+#: Without a filter, the largest logits whose draws bound the second-best score from below.
+TOP = 64
+#: From this many candidates a row's are found by :func:`_largest` (topk's time grows with k on a CPU).
+DEEP = 1024
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ class SampleRule:
         out = Picks([-1] * rows, [-1] * rows, [math.nan] * rows, [math.nan] * rows, [None] * rows)
         if not live:
             return out
-        lg = logits[live].float()
+        lg = (logits if len(live) == rows else logits[live]).float()
         keys = [draws.row_keys(self.seeds[b], self.first[b] + index) for b in live]
         if self.s.filtered:
             results = _filtered(lg, keys, self.s, self.horizon)
@@ -172,30 +176,43 @@ def sample_rule(sampling: Sampling, seeds: Sequence[int], threshold: float | Non
 
 
 def _unfiltered(lg: torch.Tensor, keys, temperature: float) -> list[tuple]:
-    """Every token allowed: the best two ``y`` over the vocabulary, found through per-bucket Gumbel
-    bounds (integer and float32 operations on the whole row, exact for any shape), then exactly on
-    the few tokens the bounds cannot rule out."""
+    """Every token allowed: the best two ``y`` over the vocabulary. The draws of the ``TOP``
+    largest logits bound the second-best ``y`` from below; a token below them reaches that bound
+    only with a draw above a level, which fixes a least bucket of its top 16 bits, so one integer
+    comparison over the row finds the few that can; their per-bucket upper bounds keep fewer
+    still, and those are computed exactly (integer operations on the whole row: exact for any shape)."""
     import torch
 
     rows, vocab = lg.shape
-    ids = torch.arange(vocab, dtype=torch.int64, device=lg.device)
-    h = draws.bits(draws.keys_tensor(keys, lg.device), ids)
-    low, high = draws.gumbel_bounds(lg.device)
-    bucket = h >> 16
-    t = torch.tensor(temperature, dtype=torch.float32, device=lg.device)
-    ub = lg + t * high[bucket]
-    lb = lg + t * low[bucket]
-    # two tokens score at least the second-largest lower bound: only tokens that can reach it matter
-    second = torch.topk(lb, 2, dim=-1).values[:, 1:]
-    slack = 1e-3 + 1e-5 * second.abs()
-    cand = (ub >= second - slack)
+    dev = lg.device
+    h = draws.bits32(draws.keys_tensor(keys, dev), torch.arange(vocab, dtype=torch.int32, device=dev))
+    low, high = draws.gumbel_bounds(dev)
+    t = float(temperature)
+    top_v, top_i = torch.topk(lg, min(vocab, TOP), dim=-1)
+    top_h = h.gather(1, top_i).to(torch.int64) & draws.MASK32
+    top_b = top_h >> 16
+    if top_v.shape[1] >= 2:
+        second = torch.topk(top_v + t * low[top_b], 2, dim=-1).values[:, 1]
+    else:
+        second = torch.full((rows,), -math.inf, device=dev)
+    floor = second - (1e-3 + 1e-5 * second.abs())  # below every y that can be among the best two
+    # a token outside the top has a logit at most the last of them: it needs a draw of at least this
+    need = (floor - top_v[:, -1]) / t - 1e-3
+    first = torch.searchsorted(high, need.float().contiguous())  # the first bucket that can reach it
+    level = ((first.to(torch.int64) << 16) - (1 << 31)).clamp(max=(1 << 31) - 1).to(torch.int32)
+    far_r, far_c = torch.nonzero((h ^ -(1 << 31)) >= level[:, None], as_tuple=True)
+    far_h = h[far_r, far_c].to(torch.int64) & draws.MASK32
+    far_v = lg[far_r, far_c]
+    keep = far_v + t * high[far_h >> 16] >= floor[far_r]
+    keep_top = top_v + t * high[top_b] >= floor[:, None]
+    found: list[dict[int, tuple[float, int]]] = [{} for _ in range(rows)]
+    for r, (ks, toks, vals, hs) in enumerate(zip(keep_top.tolist(), top_i.tolist(), top_v.tolist(), top_h.tolist())):
+        found[r].update((tok, (v, hh)) for k, tok, v, hh in zip(ks, toks, vals, hs) if k)
+    for r, tok, v, hh in zip(far_r[keep].tolist(), far_c[keep].tolist(), far_v[keep].tolist(), far_h[keep].tolist()):
+        found[r][tok] = (v, hh)
     out = []
-    for r in range(rows):
-        idx = torch.nonzero(cand[r]).flatten()
-        toks = idx.tolist()
-        vals = lg[r, idx].tolist()
-        hs = h[r, idx].tolist()
-        ys = sorted(((v + temperature * draws.gumbel(hh), -tok) for tok, v, hh in zip(toks, vals, hs)), reverse=True)
+    for row in found:
+        ys = sorted(((v + temperature * draws.gumbel(hh), -tok) for tok, (v, hh) in row.items()), reverse=True)
         (y1, w), (y2, ru) = ys[0], ys[1] if len(ys) > 1 else (-math.inf, 1)
         out.append((-w, -ru, y1, y2, "sample"))
     return out
@@ -208,50 +225,82 @@ def _filtered(lg: torch.Tensor, keys, s: Sampling, horizon: float) -> list[tuple
     """Top-k / top-p / min-p: the allowed tokens and those that could enter within the horizon
     lie among the largest logits: a batched top-k gives them, taken again four times as deep for
     the rows that need more (selection is exact: a row's candidates do not depend on the others);
-    masses come from a per-row softmax (the same call for a row alone and in a batch)."""
+    masses come from a softmax per row (the same call for a row alone and in a batch)."""
     import torch
 
     rows, vocab = lg.shape
     found: list = [None] * rows
+    row = [_Row(s, horizon) for r in range(rows)]
+    probs = None
+    if s.top_p < 1:  # elementwise division, then a softmax per row
+        scaled = lg / torch.tensor(float(s.temperature), dtype=torch.float32)
+        probs = [torch.softmax(scaled[r], dim=-1) for r in range(rows)]
+    only_p = s.top_p < 1 and s.top_k is None and s.min_p == 0
     todo = list(range(rows))
-    row = [_Row(lg[r], s, horizon) for r in range(rows)]
     k = min(vocab, CANDIDATES + (s.top_k or 0))
     while todo:
-        part = lg[todo] if len(todo) < rows else lg
-        vals, idx = torch.topk(part, k, dim=-1)
+        if k < DEEP or k == vocab:
+            vals, idx = _canonical(*torch.topk(lg[todo] if len(todo) < rows else lg, k, dim=-1))
+        else:  # deep, for a few rows: the same candidates, found faster than topk
+            vals, idx = (torch.stack(x) for x in zip(*(_largest(lg[r], k) for r in todo)))
         h = draws.bits(draws.keys_tensor([keys[r] for r in todo], lg.device), idx)
-        for r, v, i, hh in zip(todo, vals.tolist(), idx.tolist(), h.tolist()):
-            found[r] = row[r].candidates(v, i, hh, complete=k == vocab)
+        masses = ([probs[r][i] for r, i in zip(todo, idx)] if probs is not None else None)
+        masses = torch.stack(masses).tolist() if masses is not None else [None] * len(todo)
+        for r, v, i, hh, m in zip(todo, vals.tolist(), idx.tolist(), h.tolist(), masses):
+            if k < vocab and only_p and math.fsum(m) < s.top_p - 1e-9:
+                continue  # less than top-p's mass: these cannot decide the allowed set
+            found[r] = row[r].candidates(v, i, hh, m, complete=k == vocab)
         todo = [r for r in todo if found[r] is None]
         k = min(vocab, k * 4)
     return [row[r].choose(found[r]) for r in range(rows)]
 
 
+def _largest(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest of one row's logits in canonical order, as :func:`_canonical` of ``topk``
+    gives them (the same values; ids the same wherever the value is above the k-th): a histogram
+    finds a depth below the largest holding at least ``k`` tokens, and those few are sorted."""
+    import torch
+
+    top, low = float(logits.max()), float(logits.min())
+    width = (top - low) / 512
+    if math.isfinite(width) and width > 0:
+        above = torch.histc(logits, bins=512, min=low, max=top).flip(0).cumsum(0)  # tokens in the top j+1 bins
+        j = int(torch.searchsorted(above, torch.tensor(float(k), device=above.device)))
+        within = logits >= top - (j + 2) * width  # a bin more: histc's own rounding at the edges
+        if int(within.sum()) >= k:
+            ids = torch.nonzero(within).flatten()  # ascending: a stable sort keeps tied values in id order
+            order = torch.sort(logits[ids], descending=True, stable=True).indices[:k]
+            return logits[ids[order]], ids[order]
+    vals, ids = _canonical(*torch.topk(logits[None], k, dim=-1))
+    return vals[0], ids[0]
+
+
+def _canonical(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's candidates in canonical order: logit descending, then id ascending (``topk``
+    leaves tied values in any order)."""
+    import torch
+
+    by_id = torch.argsort(idx, dim=-1)
+    vals, idx = vals.gather(-1, by_id), idx.gather(-1, by_id)
+    order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
+    return vals.gather(-1, order), idx.gather(-1, order)
+
+
 class _Row:
     """One row's allowed set, draw and margin (Python floats: the same for the row alone and in a batch)."""
 
-    def __init__(self, logits: torch.Tensor, s: Sampling, horizon: float):
-        self.logits, self.s, self.T, self.C = logits, s, float(s.temperature), horizon
-        self._probs: torch.Tensor | None = None
+    def __init__(self, s: Sampling, horizon: float):
+        self.s, self.T, self.C = s, float(s.temperature), horizon
 
-    def probs(self, ids: list[int]) -> list[float]:
-        import torch
-
-        if self._probs is None:
-            self._probs = torch.softmax(self.logits / torch.tensor(self.T, dtype=torch.float32), dim=-1)
-        return self._probs[torch.tensor(ids, dtype=torch.long, device=self.logits.device)].tolist()
-
-    def candidates(self, vals, ids, hs, complete: bool):
-        """The candidates in canonical order (logit descending, id ascending), enough to decide the
-        allowed set and the window; None where more are needed."""
-        neg, ids, hs = (list(x) for x in zip(*sorted(zip([-v for v in vals], ids, hs))))
-        vals = [-v for v in neg]
+    def candidates(self, vals, ids, hs, masses, complete: bool):
+        """From candidates in canonical order (:func:`_canonical`) with their probabilities at the
+        temperature (None without top-p), those that decide the allowed set and the window; None
+        where more are needed."""
         # tokens tied with the last value may lie beyond the list: only values above it are complete
-        n = len(vals) if complete else sum(1 for v in vals if v > vals[-1])
+        n = len(vals) if complete else bisect.bisect_left([-v for v in vals], -vals[-1])
         if n < 2 and not complete:
             return None
-        masses = self.probs(ids[:n]) if self.s.top_p < 1 else None
-        cut = _Cuts(vals[:n], masses, self.s, self.C, complete)
+        cut = _Cuts(vals[:n], masses[:n] if masses is not None else None, self.s, self.C, complete)
         if not cut.decided():
             return None
         return cut, ids[:n], hs[:n]
@@ -259,15 +308,11 @@ class _Row:
     def choose(self, cand) -> tuple:
         cut, ids, hs = cand
         T, vals = self.T, cut.vals
-        y = [vals[i] + T * draws.gumbel(hs[i]) for i in range(cut.n_allowed)]
-        allowed = range(cut.n_allowed)
-        w = max(allowed, key=lambda i: (y[i], -ids[i]))
-        others = [i for i in allowed if i != w]
-        r = max(others, key=lambda i: (y[i], -ids[i])) if others else None
+        high = draws.gumbel_upper()
+        y, w, r = _best_two(vals, ids, hs, cut.n_allowed, T, high)
         m_sample = y[w] - y[r] if r is not None else math.inf
         # the mask: the sampled token leaving, or a token of the window entering with a better y
         m_mask, competitor = cut.leave(w), (ids[r] if r is not None else -1)
-        high = draws.gumbel_upper()
         for j in range(cut.n_allowed, cut.end):
             # a token that cannot lower the margin, whatever it takes to enter, needs no exact draw
             if y[w] - (vals[j] + T * high[hs[j] >> 16]) >= m_mask:
@@ -283,6 +328,20 @@ class _Row:
         if m_sample <= m_mask:
             return ids[w], ids[r], y[w], y[r], "sample"
         return ids[w], competitor, y[w], y[w] - m_mask, "mask"
+
+
+def _best_two(vals, ids, hs, n: int, T: float, high) -> tuple[dict[int, float], int, int | None]:
+    """Among the first ``n`` candidates, the best and the second-best ``(y, -id)`` (indices; the
+    second None where n is 1) and their exact ``y``: a token's exact draw is computed only where
+    its bucket's bound can reach the second best so far (candidates come largest logit first)."""
+    best: list[tuple[float, int, int]] = []  # (y, -id, index), best first
+    for i in range(n):
+        if len(best) == 2 and vals[i] + T * high[hs[i] >> 16] < best[1][0]:
+            continue  # y <= this bound < the second best: neither of the two
+        key = (vals[i] + T * draws.gumbel(hs[i]), -ids[i], i)
+        if len(best) < 2 or key > best[1]:
+            best = sorted([*best[:1], key] if len(best) == 2 else [*best, key], reverse=True)
+    return {i: y for y, _, i in best}, best[0][2], (best[1][2] if len(best) > 1 else None)
 
 
 def _logit(x: float) -> float:
