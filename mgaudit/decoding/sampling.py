@@ -200,22 +200,42 @@ def _unfiltered(lg: torch.Tensor, keys, temperature: float) -> list[tuple]:
     need = (floor - top_v[:, -1]) / t - 1e-3
     first = torch.searchsorted(high, need.float().contiguous())  # the first bucket that can reach it
     level = ((first.to(torch.int64) << 16) - (1 << 31)).clamp(max=(1 << 31) - 1).to(torch.int32)
-    far_r, far_c = torch.nonzero((h ^ -(1 << 31)) >= level[:, None], as_tuple=True)
+    far = (h ^ -(1 << 31)) >= level[:, None]
+    far.scatter_(1, top_i, False)  # the top's own tokens come from the top
+    far_r, far_c = torch.nonzero(far, as_tuple=True)
     far_h = h[far_r, far_c].to(torch.int64) & draws.MASK32
     far_v = lg[far_r, far_c]
     keep = far_v + t * high[far_h >> 16] >= floor[far_r]
     keep_top = top_v + t * high[top_b] >= floor[:, None]
-    found: list[dict[int, tuple[float, int]]] = [{} for _ in range(rows)]
-    for r, (ks, toks, vals, hs) in enumerate(zip(keep_top.tolist(), top_i.tolist(), top_v.tolist(), top_h.tolist())):
-        found[r].update((tok, (v, hh)) for k, tok, v, hh in zip(ks, toks, vals, hs) if k)
-    for r, tok, v, hh in zip(far_r[keep].tolist(), far_c[keep].tolist(), far_v[keep].tolist(), far_h[keep].tolist()):
-        found[r][tok] = (v, hh)
+    cand = (torch.cat([torch.arange(rows, device=dev)[:, None].expand_as(top_i)[keep_top], far_r[keep]]),
+            torch.cat([top_i[keep_top], far_c[keep]]), torch.cat([top_v[keep_top], far_v[keep]]),
+            torch.cat([top_h[keep_top], far_h[keep]]))
+    if cand[0].numel() > 32 * rows:  # flat rows: rule most out on float64 scores first
+        cand = _near_best_two(*cand, t, rows)
+    found: list[list[tuple[int, float, int]]] = [[] for _ in range(rows)]
+    for r, tok, v, hh in zip(*(x.tolist() for x in cand)):
+        found[r].append((tok, v, hh))
     out = []
     for row in found:
-        ys = sorted(((v + temperature * draws.gumbel(hh), -tok) for tok, (v, hh) in row.items()), reverse=True)
+        ys = sorted(((v + temperature * draws.gumbel(hh), -tok) for tok, v, hh in row), reverse=True)
         (y1, w), (y2, ru) = ys[0], ys[1] if len(ys) > 1 else (-math.inf, 1)
         out.append((-w, -ru, y1, y2, "sample"))
     return out
+
+
+def _near_best_two(r, tok, v, h, t: float, rows: int):
+    """The candidates whose score, computed in float64 tensors (:func:`draws.gumbel_near`: within
+    :data:`draws.NEAR` of the exact draw), is within a margin of their row's second best: the
+    exact best two are among them."""
+    import torch
+
+    near = v.double() + t * draws.gumbel_near(h)
+    order = torch.argsort(near, descending=True, stable=True)
+    order = order[torch.argsort(r[order], stable=True)]  # by row, each row's best first
+    counts = torch.bincount(r, minlength=rows)
+    second = near[order][(torch.cumsum(counts, 0) - counts + (counts > 1).long()).clamp(max=r.numel() - 1)]
+    keep = near >= second[r] - (1e-6 + 4 * t * draws.NEAR)
+    return r[keep], tok[keep], v[keep], h[keep]
 
 
 # --------------------------------------------------------------------------- filters: candidates by logit
