@@ -21,12 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-SETTINGS = {"t0.7-p0.9": dict(temperature=0.7, top_p=0.9), "t0.7-k50": dict(temperature=0.7, top_k=50),
-            "t1.0-p0.9": dict(temperature=1.0, top_p=0.9), "t1.0": dict(temperature=1.0),
-            "t0.8-k40-p0.95-minp0.05": dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
-            "t0.3": dict(temperature=0.3), "t2.0": dict(temperature=2.0), "t1.5-p0.99": dict(temperature=1.5, top_p=0.99),
-            "t1-k1": dict(temperature=1.0, top_k=1), "t1-p0.5": dict(temperature=1.0, top_p=0.5),
-            "t1-minp0.1": dict(temperature=1.0, min_p=0.1), "t0.05": dict(temperature=0.05)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sampling import CONFIGS  # noqa: E402
+
+SETTINGS = {**CONFIGS, "t0.3": dict(temperature=0.3), "t2.0": dict(temperature=2.0),
+            "t1.5-p0.99": dict(temperature=1.5, top_p=0.99), "t1-k1": dict(temperature=1.0, top_k=1),
+            "t1-p0.5": dict(temperature=1.0, top_p=0.5), "t1-minp0.1": dict(temperature=1.0, min_p=0.1),
+            "t0.05": dict(temperature=0.05)}
 FIELDS = ("token", "runner_up", "top1", "top2", "kind")
 
 

@@ -212,14 +212,15 @@ def _unfiltered(lg: torch.Tensor, keys, temperature: float) -> list[tuple]:
             torch.cat([top_h[keep_top], far_h[keep]]))
     if cand[0].numel() > 32 * rows:  # flat rows: rule most out on float64 scores first
         cand = _near_best_two(*cand, t, rows)
-    found: list[list[tuple[int, float, int]]] = [[] for _ in range(rows)]
+    found: list[tuple[list, list, list]] = [([], [], []) for _ in range(rows)]  # values, ids, bits
     for r, tok, v, hh in zip(*(x.tolist() for x in cand)):
-        found[r].append((tok, v, hh))
-    out = []
-    for row in found:
-        ys = sorted(((v + temperature * draws.gumbel(hh), -tok) for tok, v, hh in row), reverse=True)
-        (y1, w), (y2, ru) = ys[0], ys[1] if len(ys) > 1 else (-math.inf, 1)
-        out.append((-w, -ru, y1, y2, "sample"))
+        found[r][0].append(v)
+        found[r][1].append(tok)
+        found[r][2].append(hh)
+    out, upper = [], draws.gumbel_upper()
+    for vals, toks, hs in found:
+        y, w, r = _best_two(vals, toks, hs, len(vals), t, upper)
+        out.append((toks[w], toks[r] if r is not None else -1, y[w], y[r] if r is not None else -math.inf, "sample"))
     return out
 
 
@@ -264,8 +265,8 @@ def _filtered(lg: torch.Tensor, keys, s: Sampling, horizon: float) -> list[tuple
         else:  # deep, for a few rows: the same candidates, found faster than topk
             vals, idx = (torch.stack(x) for x in zip(*(_largest(lg[r], k) for r in todo)))
         h = draws.bits(draws.keys_tensor([keys[r] for r in todo], lg.device), idx)
-        masses = ([probs[r][i] for r, i in zip(todo, idx)] if probs is not None else None)
-        masses = torch.stack(masses).tolist() if masses is not None else [None] * len(todo)
+        masses = (torch.stack([probs[r][i] for r, i in zip(todo, idx)]).tolist() if probs is not None
+                  else [None] * len(todo))
         for r, v, i, hh, m in zip(todo, vals.tolist(), idx.tolist(), h.tolist(), masses):
             if k < vocab and only_p and math.fsum(m) < s.top_p - 1e-9:
                 continue  # less than top-p's mass: these cannot decide the allowed set
@@ -353,7 +354,7 @@ class _Row:
 def _best_two(vals, ids, hs, n: int, T: float, high) -> tuple[dict[int, float], int, int | None]:
     """Among the first ``n`` candidates, the best and the second-best ``(y, -id)`` (indices; the
     second None where n is 1) and their exact ``y``: a token's exact draw is computed only where
-    its bucket's bound can reach the second best so far (candidates come largest logit first)."""
+    its bucket's bound can reach the second best so far (fewest where the largest logits come first)."""
     best: list[tuple[float, int, int]] = []  # (y, -id, index), best first
     for i in range(n):
         if len(best) == 2 and vals[i] + T * high[hs[i] >> 16] < best[1][0]:
